@@ -1,0 +1,62 @@
+// swift-tools-version: 6.1
+// Nimbus: a cloud virtualization stack for Linux hosts. See docs/ARCHITECTURE.md for the layers.
+import PackageDescription
+
+let strict: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
+let package = Package(
+    name: "Nimbus",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "nimbus-vmm", targets: ["nimbus-vmm"]),
+        .library(name: "VMM", targets: ["VMM"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    ],
+    targets: [
+        // Layer 0: the only C in the package. <linux/kvm.h>, ioctl codes, kvm_run accessors.
+        .target(name: "CNimbusLinux"),
+        // Layer 1: owned descriptors, errno errors, mmap, eventfd, threads and signals.
+        .target(name: "LinuxSystem", dependencies: ["CNimbusLinux"], swiftSettings: strict),
+        // Layer 1: the only caller of KVM ioctls.
+        .target(
+            name: "KVM", dependencies: ["CNimbusLinux", "LinuxSystem", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        // Layer 2: guest-physical memory with bounds-checked access.
+        .target(name: "GuestMemory", dependencies: ["LinuxSystem"], swiftSettings: strict),
+        // Layer 2: emulated devices and the port/MMIO bus.
+        .target(
+            name: "Devices",
+            dependencies: ["GuestMemory", "LinuxSystem", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        // Layer 3: boot loader, ACPI, CPUID, vCPU threads, the Firecracker-compatible API.
+        .target(
+            name: "VMM",
+            dependencies: [
+                "KVM", "GuestMemory", "Devices", "LinuxSystem",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "nimbus-vmm",
+            dependencies: [
+                "VMM", "LinuxSystem",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "VMMTests", dependencies: ["VMM", "Devices", "GuestMemory", "KVM", "LinuxSystem"],
+            swiftSettings: strict),
+        .testTarget(
+            name: "KVMIntegrationTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxSystem"],
+            swiftSettings: strict),
+        .testTarget(name: "NestedHostTests", dependencies: [], swiftSettings: strict),
+    ]
+)

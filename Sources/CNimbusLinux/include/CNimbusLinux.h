@@ -1,0 +1,124 @@
+// CNimbusLinux: layer 0 of Nimbus. The only C in the package.
+//
+// Why this shim exists: Swift cannot import the _IOW/_IOR ioctl macros, the variadic ioctl(2),
+// the anonymous unions inside `struct kvm_run`, or the flexible array members of `kvm_cpuid2`
+// and `kvm_msrs`. Everything here is a thin, allocation-free accessor over the kernel's own
+// structures; all policy lives in Swift.
+#ifndef CNIMBUSLINUX_H
+#define CNIMBUSLINUX_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <linux/kvm.h>
+#include <linux/if_tun.h>
+#include <asm/bootparam.h>
+#include <sys/eventfd.h>
+
+// MARK: ioctl request codes (Swift cannot expand the macros).
+static const unsigned long NIMBUS_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
+static const unsigned long NIMBUS_KVM_CREATE_VM = KVM_CREATE_VM;
+static const unsigned long NIMBUS_KVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+static const unsigned long NIMBUS_KVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+static const unsigned long NIMBUS_KVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long NIMBUS_KVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long NIMBUS_KVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+static const unsigned long NIMBUS_KVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
+static const unsigned long NIMBUS_KVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
+static const unsigned long NIMBUS_KVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+static const unsigned long NIMBUS_KVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+static const unsigned long NIMBUS_KVM_IRQ_LINE = KVM_IRQ_LINE;
+static const unsigned long NIMBUS_KVM_IRQFD = KVM_IRQFD;
+static const unsigned long NIMBUS_KVM_IOEVENTFD = KVM_IOEVENTFD;
+static const unsigned long NIMBUS_KVM_RUN = KVM_RUN;
+static const unsigned long NIMBUS_KVM_GET_REGS = KVM_GET_REGS;
+static const unsigned long NIMBUS_KVM_SET_REGS = KVM_SET_REGS;
+static const unsigned long NIMBUS_KVM_GET_SREGS = KVM_GET_SREGS;
+static const unsigned long NIMBUS_KVM_SET_SREGS = KVM_SET_SREGS;
+static const unsigned long NIMBUS_KVM_SET_FPU = KVM_SET_FPU;
+static const unsigned long NIMBUS_KVM_SET_MSRS = KVM_SET_MSRS;
+static const unsigned long NIMBUS_KVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long NIMBUS_KVM_GET_LAPIC = KVM_GET_LAPIC;
+static const unsigned long NIMBUS_KVM_SET_LAPIC = KVM_SET_LAPIC;
+static const unsigned long NIMBUS_TUNSETIFF = TUNSETIFF;
+static const unsigned long NIMBUS_TUNSETOFFLOAD = TUNSETOFFLOAD;
+static const unsigned long NIMBUS_TUNSETVNETHDRSZ = TUNSETVNETHDRSZ;
+
+// MARK: capabilities and exit reasons.
+static const int NIMBUS_KVM_API_VERSION = KVM_API_VERSION;
+static const int NIMBUS_KVM_CAP_IRQCHIP = KVM_CAP_IRQCHIP;
+static const int NIMBUS_KVM_CAP_USER_MEMORY = KVM_CAP_USER_MEMORY;
+static const int NIMBUS_KVM_CAP_SET_TSS_ADDR = KVM_CAP_SET_TSS_ADDR;
+static const int NIMBUS_KVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
+static const int NIMBUS_KVM_CAP_PIT2 = KVM_CAP_PIT2;
+static const int NIMBUS_KVM_CAP_IRQFD = KVM_CAP_IRQFD;
+static const int NIMBUS_KVM_CAP_IOEVENTFD = KVM_CAP_IOEVENTFD;
+static const int NIMBUS_KVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
+static const int NIMBUS_KVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
+static const int NIMBUS_KVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
+
+static const uint32_t NIMBUS_KVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN;
+static const uint32_t NIMBUS_KVM_EXIT_IO = KVM_EXIT_IO;
+static const uint32_t NIMBUS_KVM_EXIT_HLT = KVM_EXIT_HLT;
+static const uint32_t NIMBUS_KVM_EXIT_MMIO = KVM_EXIT_MMIO;
+static const uint32_t NIMBUS_KVM_EXIT_SHUTDOWN = KVM_EXIT_SHUTDOWN;
+static const uint32_t NIMBUS_KVM_EXIT_FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY;
+static const uint32_t NIMBUS_KVM_EXIT_INTR = KVM_EXIT_INTR;
+static const uint32_t NIMBUS_KVM_EXIT_INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR;
+static const uint32_t NIMBUS_KVM_EXIT_SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT;
+static const uint32_t NIMBUS_KVM_EXIT_IO_OUT = KVM_EXIT_IO_OUT;
+static const uint32_t NIMBUS_KVM_SYSTEM_EVENT_SHUTDOWN = KVM_SYSTEM_EVENT_SHUTDOWN;
+static const uint32_t NIMBUS_KVM_SYSTEM_EVENT_RESET = KVM_SYSTEM_EVENT_RESET;
+static const uint32_t NIMBUS_KVM_PIT_SPEAKER_DUMMY = KVM_PIT_SPEAKER_DUMMY;
+static const uint32_t NIMBUS_KVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
+
+#pragma clang assume_nonnull begin
+
+// MARK: ioctl wrappers (non-variadic so Swift can call them).
+int nimbus_ioctl_ptr(int fd, unsigned long request, void *_Nullable argument);
+int nimbus_ioctl_val(int fd, unsigned long request, unsigned long argument);
+
+// MARK: struct kvm_run accessors (the struct is a mapping shared with the kernel).
+uint32_t nimbus_run_exit_reason(const struct kvm_run *run);
+void nimbus_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
+uint8_t nimbus_run_io_direction(const struct kvm_run *run);
+uint8_t nimbus_run_io_size(const struct kvm_run *run);
+uint16_t nimbus_run_io_port(const struct kvm_run *run);
+uint32_t nimbus_run_io_count(const struct kvm_run *run);
+uint64_t nimbus_run_io_data_offset(const struct kvm_run *run);
+uint64_t nimbus_run_mmio_phys_addr(const struct kvm_run *run);
+uint8_t *nimbus_run_mmio_data(struct kvm_run *run);
+uint32_t nimbus_run_mmio_len(const struct kvm_run *run);
+uint8_t nimbus_run_mmio_is_write(const struct kvm_run *run);
+uint32_t nimbus_run_internal_suberror(const struct kvm_run *run);
+uint64_t nimbus_run_fail_entry_reason(const struct kvm_run *run);
+uint32_t nimbus_run_system_event_type(const struct kvm_run *run);
+
+// MARK: flexible-array structures.
+/// Allocates a zeroed `kvm_cpuid2` with room for `count` entries; free with `free`.
+struct kvm_cpuid2 *_Nullable nimbus_cpuid2_alloc(uint32_t count);
+struct kvm_cpuid_entry2 *nimbus_cpuid2_entries(struct kvm_cpuid2 *cpuid);
+/// Allocates a zeroed `kvm_msrs` with room for `count` entries; free with `free`.
+struct kvm_msrs *_Nullable nimbus_msrs_alloc(uint32_t count);
+struct kvm_msr_entry *nimbus_msrs_entries(struct kvm_msrs *msrs);
+
+// MARK: signals used to kick vCPU threads out of KVM_RUN.
+/// Installs a handler that does nothing (without SA_RESTART) for `signal`, so that a blocked
+/// KVM_RUN returns EINTR when the signal is sent to its thread. Returns 0 or -1 with errno.
+int nimbus_install_kick_handler(int signal);
+int nimbus_sigrtmin(void);
+/// Unblocks `signal` for the calling thread (a parent may have spawned us with it blocked).
+int nimbus_unblock_signal(int signal);
+/// Names the calling thread (at most 15 bytes are kept).
+void nimbus_set_thread_name(const char *name);
+
+#pragma clang assume_nonnull end
+
+// MARK: sizes checked at compile time against what the Swift side assumes.
+_Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout");
+_Static_assert(sizeof(struct kvm_segment) == 24, "kvm_segment layout");
+_Static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "kvm_cpuid_entry2 layout");
+_Static_assert(sizeof(struct kvm_msr_entry) == 16, "kvm_msr_entry layout");
+_Static_assert(sizeof(struct kvm_lapic_state) == 1024, "kvm_lapic_state layout");
+_Static_assert(sizeof(struct boot_params) == 4096, "boot_params is one page");
+
+#endif

@@ -1,0 +1,62 @@
+// CNimbusLinux: implementations of the accessors declared in CNimbusLinux.h.
+#define _GNU_SOURCE
+#include "CNimbusLinux.h"
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+
+int nimbus_ioctl_ptr(int fd, unsigned long request, void *argument) { return ioctl(fd, request, argument); }
+int nimbus_ioctl_val(int fd, unsigned long request, unsigned long argument) { return ioctl(fd, request, argument); }
+
+uint32_t nimbus_run_exit_reason(const struct kvm_run *run) { return run->exit_reason; }
+void nimbus_run_set_immediate_exit(struct kvm_run *run, uint8_t value) { run->immediate_exit = value; }
+uint8_t nimbus_run_io_direction(const struct kvm_run *run) { return run->io.direction; }
+uint8_t nimbus_run_io_size(const struct kvm_run *run) { return run->io.size; }
+uint16_t nimbus_run_io_port(const struct kvm_run *run) { return run->io.port; }
+uint32_t nimbus_run_io_count(const struct kvm_run *run) { return run->io.count; }
+uint64_t nimbus_run_io_data_offset(const struct kvm_run *run) { return run->io.data_offset; }
+uint64_t nimbus_run_mmio_phys_addr(const struct kvm_run *run) { return run->mmio.phys_addr; }
+uint8_t *nimbus_run_mmio_data(struct kvm_run *run) { return run->mmio.data; }
+uint32_t nimbus_run_mmio_len(const struct kvm_run *run) { return run->mmio.len; }
+uint8_t nimbus_run_mmio_is_write(const struct kvm_run *run) { return run->mmio.is_write; }
+uint32_t nimbus_run_internal_suberror(const struct kvm_run *run) { return run->internal.suberror; }
+uint64_t nimbus_run_fail_entry_reason(const struct kvm_run *run) {
+    return run->fail_entry.hardware_entry_failure_reason;
+}
+uint32_t nimbus_run_system_event_type(const struct kvm_run *run) { return run->system_event.type; }
+
+struct kvm_cpuid2 *nimbus_cpuid2_alloc(uint32_t count) {
+    struct kvm_cpuid2 *c = calloc(1, sizeof(struct kvm_cpuid2) + (size_t)count * sizeof(struct kvm_cpuid_entry2));
+    if (c) c->nent = count;
+    return c;
+}
+struct kvm_cpuid_entry2 *nimbus_cpuid2_entries(struct kvm_cpuid2 *cpuid) { return cpuid->entries; }
+
+struct kvm_msrs *nimbus_msrs_alloc(uint32_t count) {
+    struct kvm_msrs *m = calloc(1, sizeof(struct kvm_msrs) + (size_t)count * sizeof(struct kvm_msr_entry));
+    if (m) m->nmsrs = count;
+    return m;
+}
+struct kvm_msr_entry *nimbus_msrs_entries(struct kvm_msrs *msrs) { return msrs->entries; }
+
+static void nimbus_kick_handler(int signal) { (void)signal; }
+
+int nimbus_install_kick_handler(int signal) {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = nimbus_kick_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+    return sigaction(signal, &action, NULL);
+}
+int nimbus_sigrtmin(void) { return SIGRTMIN; }
+int nimbus_unblock_signal(int signal) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signal);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+void nimbus_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }

@@ -1,0 +1,83 @@
+// LinuxSystem (layer 1): an owned file descriptor that closes itself.
+import Glibc
+
+/// A file descriptor owned by this object and closed when it is released.
+public final class OwnedFileDescriptor: Sendable {
+    /// The raw descriptor number. Valid for the lifetime of this object.
+    public let rawValue: Int32
+
+    /// Takes ownership of `rawValue`.
+    public init(taking rawValue: Int32) {
+        self.rawValue = rawValue
+    }
+
+    deinit {
+        _ = Glibc.close(rawValue)
+    }
+
+    /// Opens `path` with `flags` (O_CLOEXEC is always added).
+    public static func open(_ path: String, flags: Int32, mode: mode_t = 0o644) throws(SystemError) -> OwnedFileDescriptor {
+        let fd = try retryingSyscall("open", subject: path) { Glibc.open(path, flags | O_CLOEXEC, mode) }
+        return OwnedFileDescriptor(taking: fd)
+    }
+
+    /// Writes all of `bytes`, retrying short writes and EINTR.
+    public func writeAll(_ bytes: [UInt8]) throws(SystemError) {
+        var offset = 0
+        while offset < bytes.count {
+            let written = try retryingSyscall("write") {
+                bytes.withUnsafeBytes { buffer in
+                    // SAFETY: the pointer and count come from a live array buffer and stay in bounds.
+                    Glibc.write(rawValue, buffer.baseAddress?.advanced(by: offset), buffer.count - offset)
+                }
+            }
+            offset += written
+        }
+    }
+
+    /// Reads up to `count` bytes; an empty result means end of file.
+    public func read(upTo count: Int) throws(SystemError) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: count)
+        let got = try retryingSyscall("read") {
+            buffer.withUnsafeMutableBytes { raw in
+                // SAFETY: reading at most raw.count bytes into a buffer we own.
+                Glibc.read(rawValue, raw.baseAddress, raw.count)
+            }
+        }
+        buffer.removeLast(count - got)
+        return buffer
+    }
+}
+
+/// Reads a whole regular file into memory.
+public func readWholeFile(_ path: String, limit: Int = 1 << 31) throws(SystemError) -> [UInt8] {
+    let fd = try OwnedFileDescriptor.open(path, flags: O_RDONLY)
+    var info = stat()
+    try syscallOnce("fstat", subject: path) { fstat(fd.rawValue, &info) }
+    if (info.st_mode & S_IFMT) == S_IFDIR {
+        throw SystemError(call: "read", subject: path, errno: EISDIR)
+    }
+    let size = Int(info.st_size)
+    if size > limit { throw SystemError(call: "read", subject: path, errno: EFBIG) }
+    var result = [UInt8](repeating: 0, count: size)
+    var offset = 0
+    while offset < size {
+        let got = try retryingSyscall("pread", subject: path) {
+            result.withUnsafeMutableBytes { raw in
+                // SAFETY: the destination range [offset, size) lies inside the array we own.
+                Glibc.pread(fd.rawValue, raw.baseAddress?.advanced(by: offset), size - offset, off_t(offset))
+            }
+        }
+        if got == 0 { break }
+        offset += got
+    }
+    if offset < size { result.removeLast(size - offset) }
+    return result
+}
+
+/// The size of a file in bytes, without reading it.
+public func fileSize(_ path: String) throws(SystemError) -> UInt64 {
+    var info = stat()
+    try syscallOnce("stat", subject: path) { stat(path, &info) }
+    return UInt64(info.st_size)
+}

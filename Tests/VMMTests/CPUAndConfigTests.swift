@@ -1,0 +1,109 @@
+import KVM
+import Testing
+@testable import VMM
+
+@Suite struct CPUIDTests {
+    let host: [CPUIDEntry] = [
+        CPUIDEntry(function: 0, eax: 0x1F),
+        CPUIDEntry(function: 1, eax: 0x806F8, ebx: 0x0000_0800, ecx: 0x1, edx: 0x1000_0000),
+        CPUIDEntry(function: 0xA, eax: 0x0804_0001, ebx: 1, ecx: 2, edx: 3),
+        CPUIDEntry(function: 0xB, index: 0, flags: 1), CPUIDEntry(function: 0xB, index: 1, flags: 1),
+        CPUIDEntry(function: 0xB, index: 2, flags: 1),
+        CPUIDEntry(function: 0x8000_0008, ecx: 0x3F),
+    ]
+
+    @Test func apicIDsAndTopologyPerVCPU() {
+        let leaves = CPUIDPolicy.normalize(host, vcpuIndex: 2, vcpuCount: 4, smt: false)
+        let leaf1 = leaves.first { $0.function == 1 }
+        #expect(leaf1.map { $0.ebx >> 24 } == 2)
+        #expect(leaf1.map { ($0.ebx >> 16) & 0xFF } == 4)
+        #expect(leaf1.map { $0.ecx & (1 << 31) != 0 } == true)
+        #expect(leaf1.map { $0.edx & (1 << 28) != 0 } == true)
+        let topo = leaves.filter { $0.function == 0xB }
+        #expect(topo.allSatisfy { $0.edx == 2 })
+        #expect(topo[0].ebx == 1 && topo[0].ecx == 0x100)
+        #expect(topo[1].eax == 2 && topo[1].ebx == 4 && topo[1].ecx == 0x201)
+        #expect(topo[2].ecx == 2 && topo[2].ebx == 0)
+        #expect(leaves.first { $0.function == 0xA }.map { $0.eax | $0.ebx | $0.ecx | $0.edx } == 0)
+        #expect(leaves.first { $0.function == 0x8000_0008 }.map { $0.ecx & 0xFF } == 3)
+    }
+
+    @Test func smtHasTwoThreadsPerCore() {
+        let leaves = CPUIDPolicy.normalize(host, vcpuIndex: 1, vcpuCount: 4, smt: true)
+        let topo = leaves.filter { $0.function == 0xB }
+        #expect(topo[0].eax == 1 && topo[0].ebx == 2)
+        #expect(topo[1].eax == 2 && topo[1].ebx == 4)
+    }
+
+    @Test func singleVCPUHasNoHTT() {
+        let leaf1 = CPUIDPolicy.normalize(host, vcpuIndex: 0, vcpuCount: 1, smt: false).first { $0.function == 1 }
+        #expect(leaf1.map { $0.edx & (1 << 28) } == 0)
+    }
+
+    @Test func lapicWiring() {
+        var page = [UInt8](repeating: 0, count: 1024)
+        page[0x350 + 1] = 0x07  // some other mode bits set
+        let wired = BootCPUState.wireLAPIC(page)
+        #expect(wired[0x351] & 0x07 == 7)
+        #expect(wired[0x361] & 0x07 == 4)
+    }
+
+    @Test func registersForEachEntry() {
+        let linux = BootCPUState.registers(entry: .linux64(0x100200))
+        #expect(linux.rip == 0x100200 && linux.rsi == Layout.zeroPage && linux.rsp == Layout.bootStack)
+        let pvh = BootCPUState.registers(entry: .pvh(0x1000123))
+        #expect(pvh.rip == 0x1000123 && pvh.rbx == Layout.pvhStartInfo)
+    }
+}
+
+@Suite struct ConfigTests {
+    func parse(_ text: String) throws -> VMConfig { try VMConfig(fileContents: Array(text.utf8)) }
+
+    @Test func fullFirecrackerConfig() throws {
+        let c = try parse("""
+            {"boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0", "initrd_path": "/i"},
+             "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": false},
+             "drives": [{"drive_id": "rootfs", "path_on_host": "/d.img", "is_root_device": true, "is_read_only": false}],
+             "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "AA:FC:00:00:00:01"}]}
+            """)
+        #expect(c.bootSource == BootSource(kernelImagePath: "/k", bootArgs: "console=ttyS0", initrdPath: "/i"))
+        #expect(c.machine.vcpuCount == 2 && c.machine.memSizeMiB == 256)
+        #expect(c.drives.first?.driveID == "rootfs" && c.drives.first?.isRootDevice == true)
+        #expect(c.networkInterfaces.first?.hostDevName == "tap0")
+    }
+
+    @Test func oldHTEnabledNameIsAccepted() throws {
+        let c = try parse(#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 2, "mem_size_mib": 64, "ht_enabled": true}}"#)
+        #expect(c.machine.smt)
+    }
+
+    @Test(arguments: [
+        (#"{"boot-source": {"kernel_image_path": "/k", "extra": 1}}"#, "unknown field `extra`"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "what": {}}"#, "unknown field `what`"),
+        (#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#, "missing section `boot-source`"),
+        (#"{"boot-source": {}}"#, "missing field `kernel_image_path`"),
+        (#"{"boot-source": {"kernel_image_path": 5}}"#, "must be a string"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}"#, "between 1 and 32"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 0}}"#, "at least 1"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1.5, "mem_size_mib": 64}}"#, "must be an integer"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1}}"#, "missing field `mem_size_mib`"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {}}"#, "not supported"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [{"iface_id": "e", "host_dev_name": "t", "guest_mac": "zz"}]}"#, "not a MAC"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "a b", "path_on_host": "/d"}]}"#, "drive_id"),
+        (#"{"boot-source": "#, "malformed JSON"),
+        (#"[1, 2]"#, "must be a JSON object"),
+    ])
+    func badConfigsSayWhy(text: String, reason: String) {
+        #expect {
+            _ = try VMConfig(fileContents: Array(text.utf8))
+        } throws: { error in
+            "\(error)".contains(reason)
+        }
+    }
+
+    @Test func jsonRoundTripIsSortedAndEscaped() throws {
+        let v = JSONValue.object(["b": .string("q\"\n"), "a": .array([.integer(1), .bool(true), .null])])
+        #expect(v.serialized() == #"{"a":[1,true,null],"b":"q\"\n"}"#)
+        #expect(try JSONValue.parse(Array(v.serialized().utf8)) == v)
+    }
+}
