@@ -51,21 +51,66 @@ public struct Segment: Sendable, Equatable {
 public struct SpecialRegisters: Sendable {
     var raw: kvm_sregs
 
-    public var cs: Segment { get { Self.decode(raw.cs) } set { raw.cs = Self.encode(newValue) } }
-    public var ds: Segment { get { Self.decode(raw.ds) } set { raw.ds = Self.encode(newValue) } }
-    public var es: Segment { get { Self.decode(raw.es) } set { raw.es = Self.encode(newValue) } }
-    public var fs: Segment { get { Self.decode(raw.fs) } set { raw.fs = Self.encode(newValue) } }
-    public var gs: Segment { get { Self.decode(raw.gs) } set { raw.gs = Self.encode(newValue) } }
-    public var ss: Segment { get { Self.decode(raw.ss) } set { raw.ss = Self.encode(newValue) } }
-    public var tr: Segment { get { Self.decode(raw.tr) } set { raw.tr = Self.encode(newValue) } }
-    public var gdtBase: UInt64 { get { raw.gdt.base } set { raw.gdt.base = newValue } }
-    public var gdtLimit: UInt16 { get { raw.gdt.limit } set { raw.gdt.limit = newValue } }
-    public var idtBase: UInt64 { get { raw.idt.base } set { raw.idt.base = newValue } }
-    public var idtLimit: UInt16 { get { raw.idt.limit } set { raw.idt.limit = newValue } }
-    public var cr0: UInt64 { get { raw.cr0 } set { raw.cr0 = newValue } }
-    public var cr3: UInt64 { get { raw.cr3 } set { raw.cr3 = newValue } }
-    public var cr4: UInt64 { get { raw.cr4 } set { raw.cr4 = newValue } }
-    public var efer: UInt64 { get { raw.efer } set { raw.efer = newValue } }
+    public var cs: Segment {
+        get { Self.decode(raw.cs) }
+        set { raw.cs = Self.encode(newValue) }
+    }
+    public var ds: Segment {
+        get { Self.decode(raw.ds) }
+        set { raw.ds = Self.encode(newValue) }
+    }
+    public var es: Segment {
+        get { Self.decode(raw.es) }
+        set { raw.es = Self.encode(newValue) }
+    }
+    public var fs: Segment {
+        get { Self.decode(raw.fs) }
+        set { raw.fs = Self.encode(newValue) }
+    }
+    public var gs: Segment {
+        get { Self.decode(raw.gs) }
+        set { raw.gs = Self.encode(newValue) }
+    }
+    public var ss: Segment {
+        get { Self.decode(raw.ss) }
+        set { raw.ss = Self.encode(newValue) }
+    }
+    public var tr: Segment {
+        get { Self.decode(raw.tr) }
+        set { raw.tr = Self.encode(newValue) }
+    }
+    public var gdtBase: UInt64 {
+        get { raw.gdt.base }
+        set { raw.gdt.base = newValue }
+    }
+    public var gdtLimit: UInt16 {
+        get { raw.gdt.limit }
+        set { raw.gdt.limit = newValue }
+    }
+    public var idtBase: UInt64 {
+        get { raw.idt.base }
+        set { raw.idt.base = newValue }
+    }
+    public var idtLimit: UInt16 {
+        get { raw.idt.limit }
+        set { raw.idt.limit = newValue }
+    }
+    public var cr0: UInt64 {
+        get { raw.cr0 }
+        set { raw.cr0 = newValue }
+    }
+    public var cr3: UInt64 {
+        get { raw.cr3 }
+        set { raw.cr3 = newValue }
+    }
+    public var cr4: UInt64 {
+        get { raw.cr4 }
+        set { raw.cr4 = newValue }
+    }
+    public var efer: UInt64 {
+        get { raw.efer }
+        set { raw.efer = newValue }
+    }
 
     static func decode(_ s: kvm_segment) -> Segment {
         var r = Segment()

@@ -19,17 +19,21 @@ public final class NativeThread: @unchecked Sendable {
     public static func start(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) -> NativeThread {
         let thread = NativeThread()
         let threadName = String(name.prefix(15))
-        let box = Unmanaged.passRetained(Box({
-            nimbus_set_thread_name(threadName)
-            body()
-        })).toOpaque()
-        let result = pthread_create(&thread.handle, nil, { argument in
-            // SAFETY: `argument` is the retained Box passed below; we balance the retain here.
-            guard let argument else { return nil }
-            let box = Unmanaged<Box>.fromOpaque(argument).takeRetainedValue()
-            box.body()
-            return nil
-        }, box)
+        let box = Unmanaged.passRetained(
+            Box({
+                nimbus_set_thread_name(threadName)
+                body()
+            })
+        ).toOpaque()
+        let result = pthread_create(
+            &thread.handle, nil,
+            { argument in
+                // SAFETY: `argument` is the retained Box passed below; we balance the retain here.
+                guard let argument else { return nil }
+                let box = Unmanaged<Box>.fromOpaque(argument).takeRetainedValue()
+                box.body()
+                return nil
+            }, box)
         if result != 0 {
             // SAFETY: the thread was not created, so the retain is ours to release.
             Unmanaged<Box>.fromOpaque(box).release()

@@ -106,13 +106,17 @@ public final class Machine: Sendable {
         let ranges = Layout.ramRanges(bytes: memBytes)
         let lowEnd = ranges[0].start + ranges[0].size
         guard kernel.memoryEnd <= lowEnd else {
-            throw BootError("kernel image \(boot.kernelImagePath) needs \((kernel.memoryEnd + (1 << 20) - 1) >> 20) MiB of guest memory, the VM has \(machineConfig.memSizeMiB) MiB")
+            throw BootError(
+                "kernel image \(boot.kernelImagePath) needs \((kernel.memoryEnd + (1 << 20) - 1) >> 20) MiB of guest memory, the VM has \(machineConfig.memSizeMiB) MiB"
+            )
         }
         let memory = try GuestMemory(ranges: ranges)
         self.memory = memory
         for segment in kernel.segments {
             guard memory.contains(segment.guestAddress, length: segment.memorySize) else {
-                throw BootError("kernel segment at 0x\(String(segment.guestAddress, radix: 16)) of \(segment.memorySize) bytes does not fit in \(machineConfig.memSizeMiB) MiB of guest memory")
+                throw BootError(
+                    "kernel segment at 0x\(String(segment.guestAddress, radix: 16)) of \(segment.memorySize) bytes does not fit in \(machineConfig.memSizeMiB) MiB of guest memory"
+                )
             }
             try memory.write(Array(kernelBytes[segment.fileRange]), at: segment.guestAddress)
         }
@@ -132,7 +136,9 @@ public final class Machine: Sendable {
             let kernelEnd = (kernel.memoryEnd + 0xFFF) & ~0xFFF
             guard size > 0 else { throw BootError("initrd \(initrdPath) is empty") }
             guard top > kernelEnd, size <= top - kernelEnd else {
-                throw BootError("initrd \(initrdPath) (\(size >> 20) MiB) does not fit in guest memory above the kernel: \(top > kernelEnd ? (top - kernelEnd) >> 20 : 0) MiB free of \(machineConfig.memSizeMiB) MiB")
+                throw BootError(
+                    "initrd \(initrdPath) (\(size >> 20) MiB) does not fit in guest memory above the kernel: \(top > kernelEnd ? (top - kernelEnd) >> 20 : 0) MiB free of \(machineConfig.memSizeMiB) MiB"
+                )
             }
             let address = (top - size) & ~0xFFF
             try memory.write(bytes, at: address)
@@ -340,7 +346,8 @@ public final class Machine: Sendable {
                 requestExit(type == VCPU.systemEventReset ? .reset : .powerOff)
             case .internalError(let suberror):
                 let rip = (try? vcpu.registers().rip) ?? 0
-                requestExit(.failure("KVM internal error \(suberror) on vCPU \(vcpu.id) at rip 0x\(String(rip, radix: 16)) (an instruction KVM could not emulate)"))
+                requestExit(
+                    .failure("KVM internal error \(suberror) on vCPU \(vcpu.id) at rip 0x\(String(rip, radix: 16)) (an instruction KVM could not emulate)"))
             case .failEntry(let reason):
                 requestExit(.failure("KVM could not enter vCPU \(vcpu.id): hardware reason 0x\(String(reason, radix: 16))"))
             case .unknown(let reason):

@@ -1,4 +1,5 @@
 import Testing
+
 @testable import VMM
 
 @Suite struct AMLTests {

@@ -1,8 +1,11 @@
 import Testing
+
 @testable import VMM
 
 /// A synthetic bzImage: setup header fields a real one has, and a small payload.
-func makeBzImage(version: UInt16 = 0x020F, xloadflags: UInt16 = 1, loadflags: UInt8 = 1, setupSectors: UInt8 = 4, payload: Int = 4096, initSize: UInt32 = 0x200000) -> [UInt8] {
+func makeBzImage(
+    version: UInt16 = 0x020F, xloadflags: UInt16 = 1, loadflags: UInt8 = 1, setupSectors: UInt8 = 4, payload: Int = 4096, initSize: UInt32 = 0x200000
+) -> [UInt8] {
     var b = [UInt8](repeating: 0, count: (Int(setupSectors) + 1) * 512 + payload)
     func put<T: FixedWidthInteger>(_ v: T, _ at: Int) {
         var x = v.littleEndian
@@ -102,11 +105,12 @@ func makeVmlinux(pvhEntry: UInt32? = 0x100_0123, entry: UInt64 = 0x100_0000) -> 
 @Suite struct BootParamsTests {
     @Test func e820SmallMemory() {
         let map = BootParams.e820(ranges: Layout.ramRanges(bytes: 256 << 20))
-        #expect(map == [
-            E820Entry(address: 0, size: 0x9fc00, kind: .ram),
-            E820Entry(address: 0xe0000, size: 0x20000, kind: .reserved),
-            E820Entry(address: 0x100000, size: (256 << 20) - 0x100000, kind: .ram),
-        ])
+        #expect(
+            map == [
+                E820Entry(address: 0, size: 0x9fc00, kind: .ram),
+                E820Entry(address: 0xe0000, size: 0x20000, kind: .reserved),
+                E820Entry(address: 0x100000, size: (256 << 20) - 0x100000, kind: .ram),
+            ])
     }
 
     @Test func e820SplitsAroundTheMMIOHole() {
@@ -119,8 +123,9 @@ func makeVmlinux(pvhEntry: UInt32? = 0x100_0123, entry: UInt64 = 0x100_0000) -> 
     @Test func zeroPageFields() {
         let header = Array(makeBzImage()[0x1f1..<0x26C])
         let e820 = BootParams.e820(ranges: Layout.ramRanges(bytes: 128 << 20))
-        let p = BootParams.zeroPage(setupHeader: header, commandLineAddress: 0x20000, commandLineSize: 12,
-                                    initrd: (0x7000000, 0x123456), e820: e820, rsdp: 0xe0000)
+        let p = BootParams.zeroPage(
+            setupHeader: header, commandLineAddress: 0x20000, commandLineSize: 12,
+            initrd: (0x7000000, 0x123456), e820: e820, rsdp: 0xe0000)
         func u32(_ at: Int) -> UInt32 { UInt32(p[at]) | UInt32(p[at + 1]) << 8 | UInt32(p[at + 2]) << 16 | UInt32(p[at + 3]) << 24 }
         #expect(p.count == 4096)
         #expect(Array(p[0x202..<0x206]) == Array("HdrS".utf8))

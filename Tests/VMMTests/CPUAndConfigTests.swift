@@ -1,5 +1,6 @@
 import KVM
 import Testing
+
 @testable import VMM
 
 @Suite struct CPUIDTests {
@@ -60,7 +61,8 @@ import Testing
     func parse(_ text: String) throws -> VMConfig { try VMConfig(fileContents: Array(text.utf8)) }
 
     @Test func fullFirecrackerConfig() throws {
-        let c = try parse("""
+        let c = try parse(
+            """
             {"boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0", "initrd_path": "/i"},
              "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": false},
              "drives": [{"drive_id": "rootfs", "path_on_host": "/d.img", "is_root_device": true, "is_read_only": false}],

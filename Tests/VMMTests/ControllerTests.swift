@@ -1,5 +1,6 @@
 import Synchronization
 import Testing
+
 @testable import VMM
 
 final class FakeMachine: RunningMachine {
@@ -47,7 +48,11 @@ final class FakeLauncher: MachineLauncher {
     }
 
     @Test func changesAfterStartAreRefused() {
-        let c = VMMController(instanceID: "vm1", config: { var v = VMConfig(); v.bootSource = BootSource(kernelImagePath: "/k"); return v }(), launcher: FakeLauncher())
+        let c = VMMController(
+            instanceID: "vm1",
+            config: {
+                var v = VMConfig(); v.bootSource = BootSource(kernelImagePath: "/k"); return v
+            }(), launcher: FakeLauncher())
         #expect(call(c, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
         let r = call(c, "PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 64}"#)
         #expect(r.status == 400)

@@ -47,33 +47,45 @@ public enum ACPITables {
             AML.name("\\_S5_", AML.package([AML.integer(UInt64(5)), AML.integer(0), AML.integer(0), AML.integer(0)]))
         ]
         let virtio = devices.enumerated().map { index, d -> AML in
-            AML.device(String(format4("VR", index)), [
-                AML.name("_HID", AML.string("LNRO0005")),
-                AML.name("_UID", AML.integer(UInt64(index))),
-                AML.name("_CCA", AML.integer(1)),
-                AML.name("_CRS", AML.resourceTemplate([
-                    AML.memory32Fixed(base: UInt32(truncatingIfNeeded: d.base), length: UInt32(truncatingIfNeeded: d.size)),
-                    AML.extendedInterrupt(d.gsi),
-                ])),
-            ])
+            AML.device(
+                String(format4("VR", index)),
+                [
+                    AML.name("_HID", AML.string("LNRO0005")),
+                    AML.name("_UID", AML.integer(UInt64(index))),
+                    AML.name("_CCA", AML.integer(1)),
+                    AML.name(
+                        "_CRS",
+                        AML.resourceTemplate([
+                            AML.memory32Fixed(base: UInt32(truncatingIfNeeded: d.base), length: UInt32(truncatingIfNeeded: d.size)),
+                            AML.extendedInterrupt(d.gsi),
+                        ])),
+                ])
         }
         // Legacy devices: hardware-reduced ACPI gives Linux no legacy PIC and so no ISA IRQ
         // mappings; describing the UART and keyboard controller here makes ACPI map their IRQs.
         let legacy = [
-            AML.device("COM1", [
-                AML.name("_HID", AML.eisaID("PNP0501")),
-                AML.name("_UID", AML.integer(0)),
-                AML.name("_CRS", AML.resourceTemplate([
-                    AML.ioPort(base: UInt16(Layout.serialPort), length: 8), AML.irq(UInt8(Layout.serialIRQ)),
-                ])),
-            ]),
-            AML.device("PS2K", [
-                AML.name("_HID", AML.eisaID("PNP0303")),
-                AML.name("_CRS", AML.resourceTemplate([
-                    AML.ioPort(base: UInt16(Layout.i8042Port), length: 1), AML.ioPort(base: UInt16(Layout.i8042Port + 4), length: 1),
-                    AML.irq(UInt8(Layout.i8042IRQ)),
-                ])),
-            ]),
+            AML.device(
+                "COM1",
+                [
+                    AML.name("_HID", AML.eisaID("PNP0501")),
+                    AML.name("_UID", AML.integer(0)),
+                    AML.name(
+                        "_CRS",
+                        AML.resourceTemplate([
+                            AML.ioPort(base: UInt16(Layout.serialPort), length: 8), AML.irq(UInt8(Layout.serialIRQ)),
+                        ])),
+                ]),
+            AML.device(
+                "PS2K",
+                [
+                    AML.name("_HID", AML.eisaID("PNP0303")),
+                    AML.name(
+                        "_CRS",
+                        AML.resourceTemplate([
+                            AML.ioPort(base: UInt16(Layout.i8042Port), length: 1), AML.ioPort(base: UInt16(Layout.i8042Port + 4), length: 1),
+                            AML.irq(UInt8(Layout.i8042IRQ)),
+                        ])),
+                ]),
         ]
         terms.append(AML.scope("\\_SB_", legacy + virtio))
         return table("DSDT", revision: 2, body: terms.flatMap(\.bytes))
@@ -170,7 +182,11 @@ public enum ACPITables {
         let madt = madt(vcpuCount: vcpuCount)
         let xsdtAddress = align(madtAddress + UInt64(madt.count))
         let xsdt = xsdt([fadtAddress, madtAddress])
-        return ([(rsdpAddress, rsdp(xsdtAddress: xsdtAddress)), (dsdtAddress, dsdt), (fadtAddress, fadt),
-                 (madtAddress, madt), (xsdtAddress, xsdt)], rsdpAddress)
+        return (
+            [
+                (rsdpAddress, rsdp(xsdtAddress: xsdtAddress)), (dsdtAddress, dsdt), (fadtAddress, fadt),
+                (madtAddress, madt), (xsdtAddress, xsdt),
+            ], rsdpAddress
+        )
     }
 }

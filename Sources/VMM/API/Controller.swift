@@ -93,10 +93,11 @@ public final class VMMController: Sendable {
         switch (method, parts.first ?? "", parts.count) {
         case ("GET", "", 0):
             let s = inner.withLock { $0.state }
-            return .ok(.object([
-                "id": .string(instanceID), "state": .string(s.rawValue), "vmm_version": .string(Self.version),
-                "app_name": .string("Nimbus"),
-            ]))
+            return .ok(
+                .object([
+                    "id": .string(instanceID), "state": .string(s.rawValue), "vmm_version": .string(Self.version),
+                    "app_name": .string("Nimbus"),
+                ]))
         case ("GET", "version", 1):
             return .ok(.object(["firecracker_version": .string(Self.version)]))
         case ("GET", "machine-config", 1):

@@ -134,11 +134,15 @@ public enum BootParams {
     /// The boot GDT: null, code, data, TSS. 64-bit code for a Linux entry, 32-bit for PVH.
     public static func gdt(longMode: Bool) -> [UInt64] {
         if longMode {
-            return [0, gdtEntry(flags: 0xa09b, base: 0, limit: 0xfffff), gdtEntry(flags: 0xc093, base: 0, limit: 0xfffff),
-                    gdtEntry(flags: 0x808b, base: 0, limit: 0xfffff)]
+            return [
+                0, gdtEntry(flags: 0xa09b, base: 0, limit: 0xfffff), gdtEntry(flags: 0xc093, base: 0, limit: 0xfffff),
+                gdtEntry(flags: 0x808b, base: 0, limit: 0xfffff),
+            ]
         }
-        return [0, gdtEntry(flags: 0xc09b, base: 0, limit: 0xffff_ffff), gdtEntry(flags: 0xc093, base: 0, limit: 0xffff_ffff),
-                gdtEntry(flags: 0x008b, base: 0, limit: 0x67)]
+        return [
+            0, gdtEntry(flags: 0xc09b, base: 0, limit: 0xffff_ffff), gdtEntry(flags: 0xc093, base: 0, limit: 0xffff_ffff),
+            gdtEntry(flags: 0x008b, base: 0, limit: 0x67),
+        ]
     }
 
     /// Identity page tables for the first `Layout.identityMappedGiB` GiB with 2 MiB pages, as
