@@ -21,6 +21,11 @@ public final class OwnedFileDescriptor: Sendable {
         return OwnedFileDescriptor(taking: fd)
     }
 
+    /// Opens `path` for reading.
+    public static func openReadOnly(_ path: String) throws(SystemError) -> OwnedFileDescriptor {
+        try open(path, flags: O_RDONLY)
+    }
+
     /// Writes all of `bytes`, retrying short writes and EINTR.
     public func writeAll(_ bytes: [UInt8]) throws(SystemError) {
         var offset = 0
@@ -80,4 +85,38 @@ public func fileSize(_ path: String) throws(SystemError) -> UInt64 {
     var info = stat()
     try syscallOnce("stat", subject: path) { stat(path, &info) }
     return UInt64(info.st_size)
+}
+
+extension OwnedFileDescriptor {
+    /// Size of the open file in bytes.
+    public func size() throws(SystemError) -> Int {
+        var info = stat()
+        try syscallOnce("fstat") { fstat(rawValue, &info) }
+        if (info.st_mode & S_IFMT) == S_IFDIR { throw SystemError(call: "read", subject: "a directory", errno: EISDIR) }
+        return Int(info.st_size)
+    }
+
+    /// Fills `buffer` from the file at `offset`; fails with EIO if the file ends first.
+    public func readFully(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let got = try retryingSyscall("pread") {
+                // SAFETY: writes at most buffer.count - done bytes inside `buffer`.
+                Glibc.pread(rawValue, buffer.baseAddress?.advanced(by: done), buffer.count - done, off_t(offset + done))
+            }
+            if got == 0 { throw SystemError(call: "pread", subject: "offset \(offset + done) (file ended early)", errno: EIO) }
+            done += got
+        }
+    }
+
+    /// Reads exactly `count` bytes at `offset`.
+    public func read(_ count: Int, at offset: Int) throws(SystemError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var failure: SystemError?
+        bytes.withUnsafeMutableBytes { buffer in
+            do throws(SystemError) { try readFully(into: buffer, at: offset) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return bytes
+    }
 }

@@ -95,12 +95,9 @@ public final class Machine: Sendable {
         }
 
         // Kernel, command line, initrd.
-        let kernelBytes: [UInt8]
-        do { kernelBytes = try readWholeFile(boot.kernelImagePath) } catch {
-            throw BootError("cannot read kernel image \(boot.kernelImagePath): \(error)")
-        }
+        let kernelFile = try ImageFile(path: boot.kernelImagePath, what: "kernel image")
         let kernel: KernelImage
-        do { kernel = try KernelImage.parse(kernelBytes) } catch {
+        do { kernel = try KernelImage.parse(kernelFile) } catch {
             throw BootError("kernel image \(boot.kernelImagePath): \(error)")
         }
         let ranges = Layout.ramRanges(bytes: memBytes)
@@ -118,7 +115,7 @@ public final class Machine: Sendable {
                     "kernel segment at 0x\(String(segment.guestAddress, radix: 16)) of \(segment.memorySize) bytes does not fit in \(machineConfig.memSizeMiB) MiB of guest memory"
                 )
             }
-            try memory.write(Array(kernelBytes[segment.fileRange]), at: segment.guestAddress)
+            try kernelFile.load(segment.fileRange, into: memory, at: segment.guestAddress)
         }
         let commandLine = Array((boot.bootArgs ?? BootSource.defaultBootArgs).utf8)
         guard commandLine.count < Layout.commandLineMax else {
@@ -129,10 +126,9 @@ public final class Machine: Sendable {
 
         var initrd: (address: UInt64, size: UInt64)?
         if let initrdPath = boot.initrdPath {
-            let bytes: [UInt8]
-            do { bytes = try readWholeFile(initrdPath) } catch { throw BootError("cannot read initrd \(initrdPath): \(error)") }
+            let initrdFile = try ImageFile(path: initrdPath, what: "initrd")
             let top = min(lowEnd, kernel.initrdAddressMax + 1)
-            let size = UInt64(bytes.count)
+            let size = UInt64(initrdFile.size)
             let kernelEnd = (kernel.memoryEnd + 0xFFF) & ~0xFFF
             guard size > 0 else { throw BootError("initrd \(initrdPath) is empty") }
             guard top > kernelEnd, size <= top - kernelEnd else {
@@ -141,7 +137,7 @@ public final class Machine: Sendable {
                 )
             }
             let address = (top - size) & ~0xFFF
-            try memory.write(bytes, at: address)
+            try initrdFile.load(0..<initrdFile.size, into: memory, at: address)
             initrd = (address, size)
         }
 

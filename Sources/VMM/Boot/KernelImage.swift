@@ -6,13 +6,32 @@ public struct BootError: Error, CustomStringConvertible, Sendable, Equatable {
     public init(_ description: String) { self.description = description }
 }
 
-/// Little-endian field access over a byte array, with bounds checks.
+/// Random access to a kernel image without holding all of it in memory.
+public protocol ImageSource {
+    /// Size of the image in bytes.
+    var size: Int { get }
+    /// Reads `count` bytes at `offset`; fails if the range is not inside the image.
+    func read(_ count: Int, at offset: Int) throws(BootError) -> [UInt8]
+}
+
+extension Array: ImageSource where Element == UInt8 {
+    public var size: Int { count }
+    public func read(_ count: Int, at offset: Int) throws(BootError) -> [UInt8] {
+        guard offset >= 0, count >= 0, offset <= self.count, count <= self.count - offset else {
+            throw BootError("image is truncated: \(count) bytes at offset \(offset) are past its \(self.count) bytes")
+        }
+        return Array(self[offset..<offset + count])
+    }
+}
+
+/// Little-endian field access over a window of an image at absolute offsets, with bounds checks.
 struct ByteReader {
     let bytes: [UInt8]
+    var base = 0
 
     func u8(_ at: Int) throws(BootError) -> UInt8 {
-        guard at >= 0, at < bytes.count else { throw BootError("image is truncated: offset \(at) is past its \(bytes.count) bytes") }
-        return bytes[at]
+        guard at >= base, at - base < bytes.count else { throw BootError("image is truncated: offset \(at) is past the data read") }
+        return bytes[at - base]
     }
     func u16(_ at: Int) throws(BootError) -> UInt16 { UInt16(try u8(at)) | UInt16(try u8(at + 1)) << 8 }
     func u32(_ at: Int) throws(BootError) -> UInt32 { UInt32(try u16(at)) | UInt32(try u16(at + 2)) << 16 }
@@ -54,17 +73,18 @@ public struct KernelImage: Sendable {
 
     /// Parses `bytes` as a bzImage or an ELF vmlinux. `preferPVH` picks the PVH entry of an ELF
     /// that has one.
-    public static func parse(_ bytes: [UInt8], preferPVH: Bool = true) throws(BootError) -> KernelImage {
-        if bytes.count >= 4 && bytes[0] == 0x7f && bytes[1] == 0x45 && bytes[2] == 0x4c && bytes[3] == 0x46 {
-            return try parseELF(bytes, preferPVH: preferPVH)
+    public static func parse(_ source: some ImageSource, preferPVH: Bool = true) throws(BootError) -> KernelImage {
+        let head = try source.read(min(source.size, 0x1000), at: 0)
+        if head.count >= 4 && head[0] == 0x7f && head[1] == 0x45 && head[2] == 0x4c && head[3] == 0x46 {
+            return try parseELF(source, head: head, preferPVH: preferPVH)
         }
-        if bytes.count >= 0x206, bytes[0x202] == 0x48, bytes[0x203] == 0x64, bytes[0x204] == 0x72, bytes[0x205] == 0x53 {
-            return try parseBzImage(bytes)
+        if head.count >= 0x206, head[0x202] == 0x48, head[0x203] == 0x64, head[0x204] == 0x72, head[0x205] == 0x53 {
+            return try parseBzImage(head, size: source.size)
         }
         throw BootError("not a kernel: neither an ELF vmlinux nor a bzImage (no \"HdrS\" setup header)")
     }
 
-    static func parseBzImage(_ bytes: [UInt8]) throws(BootError) -> KernelImage {
+    static func parseBzImage(_ bytes: [UInt8], size: Int) throws(BootError) -> KernelImage {
         let r = ByteReader(bytes: bytes)
         guard try r.u16(0x1fe) == 0xAA55 else { throw BootError("bzImage has no 0xAA55 boot signature") }
         let version = try r.u16(0x206)
@@ -78,23 +98,24 @@ public struct KernelImage: Sendable {
         var setupSectors = Int(try r.u8(0x1f1))
         if setupSectors == 0 { setupSectors = 4 }
         let setupSize = (setupSectors + 1) * 512
-        guard setupSize < bytes.count else { throw BootError("bzImage is truncated: no protected-mode kernel after \(setupSize) setup bytes") }
+        guard setupSize < size else { throw BootError("bzImage is truncated: no protected-mode kernel after \(setupSize) setup bytes") }
         let headerEnd = 0x202 + Int(try r.u8(0x201))
         guard headerEnd <= bytes.count, headerEnd > 0x202 else { throw BootError("bzImage setup header length is invalid") }
         let initSize = UInt64(try r.u32(0x260))
-        let payload = bytes.count - setupSize
+        let payload = size - setupSize
         let maxInitrd = UInt64(try r.u32(0x22c))
         return KernelImage(
             format: .bzImage,
-            segments: [LoadSegment(guestAddress: Layout.kernelStart, fileRange: setupSize..<bytes.count, memorySize: UInt64(payload))],
+            segments: [LoadSegment(guestAddress: Layout.kernelStart, fileRange: setupSize..<size, memorySize: UInt64(payload))],
             entry: .linux64(Layout.kernelStart + 0x200),
             setupHeader: Array(bytes[bzImageSetupHeaderStart..<headerEnd]),
             initrdAddressMax: maxInitrd == 0 ? 0x37ff_ffff : maxInitrd,
             memoryEnd: Layout.kernelStart + max(UInt64(payload), initSize))
     }
 
-    static func parseELF(_ bytes: [UInt8], preferPVH: Bool) throws(BootError) -> KernelImage {
-        let r = ByteReader(bytes: bytes)
+    static func parseELF(_ source: some ImageSource, head: [UInt8], preferPVH: Bool) throws(BootError) -> KernelImage {
+        let r = ByteReader(bytes: head)
+        let fileSize = source.size
         guard try r.u8(4) == 2 else { throw BootError("ELF kernel is not 64-bit") }
         guard try r.u8(5) == 1 else { throw BootError("ELF kernel is not little endian") }
         guard try r.u16(18) == 62 else { throw BootError("ELF kernel is not for x86-64 (e_machine \(try r.u16(18)))") }
@@ -104,20 +125,21 @@ public struct KernelImage: Sendable {
         let phentsize = Int(try r.u16(54))
         let phnum = Int(try r.u16(56))
         guard phentsize >= 56, phnum > 0, phnum <= 64 else { throw BootError("ELF kernel has invalid program headers (\(phnum) of \(phentsize) bytes)") }
-        guard phoff < UInt64(bytes.count), Int(phoff) + phnum * phentsize <= bytes.count else {
+        guard phoff < UInt64(fileSize), Int(phoff) + phnum * phentsize <= fileSize else {
             throw BootError("ELF program headers lie past the end of the file")
         }
+        let ph = ByteReader(bytes: try source.read(phnum * phentsize, at: Int(phoff)), base: Int(phoff))
         var segments: [LoadSegment] = []
         var pvhEntry: UInt64?
         var end: UInt64 = 0
         for i in 0..<phnum {
             let h = Int(phoff) + i * phentsize
-            let ptype = try r.u32(h)
-            let offset = try r.u64(h + 8)
-            let paddr = try r.u64(h + 24)
-            let filesz = try r.u64(h + 32)
-            let memsz = try r.u64(h + 40)
-            guard offset <= UInt64(bytes.count), filesz <= UInt64(bytes.count) - offset else {
+            let ptype = try ph.u32(h)
+            let offset = try ph.u64(h + 8)
+            let paddr = try ph.u64(h + 24)
+            let filesz = try ph.u64(h + 32)
+            let memsz = try ph.u64(h + 40)
+            guard offset <= UInt64(fileSize), filesz <= UInt64(fileSize) - offset else {
                 throw BootError("ELF segment \(i) (offset \(offset), \(filesz) bytes) lies past the end of the file")
             }
             switch ptype {
@@ -128,8 +150,9 @@ public struct KernelImage: Sendable {
                 }
                 segments.append(LoadSegment(guestAddress: paddr, fileRange: Int(offset)..<Int(offset + filesz), memorySize: memsz))
                 end = max(end, paddr + memsz)
-            case 4:  // PT_NOTE
-                if let entry = try findPVHNote(r, offset: Int(offset), size: Int(filesz)) { pvhEntry = entry }
+            case 4 where filesz <= 1 << 20:  // PT_NOTE (a larger one is not a kernel's)
+                let notes = ByteReader(bytes: try source.read(Int(filesz), at: Int(offset)), base: Int(offset))
+                if let entry = try findPVHNote(notes, offset: Int(offset), size: Int(filesz)) { pvhEntry = entry }
             default:
                 break
             }
