@@ -9,6 +9,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "nimbus-vmm", targets: ["nimbus-vmm"]),
+        .executable(name: "nimbus", targets: ["nimbus"]),
+        .library(name: "VirtualDisk", targets: ["VirtualDisk"]),
         .library(name: "VMM", targets: ["VMM"]),
     ],
     dependencies: [
@@ -32,6 +34,10 @@ let package = Package(
             name: "Devices",
             dependencies: ["GuestMemory", "LinuxSystem", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        // Layer 0: raw deflate for qcow2 compressed clusters.
+        .target(name: "CNimbusZlib", linkerSettings: [.linkedLibrary("z")]),
+        // Layer 2: raw and qcow2 images, backing chains, snapshots, check and repair.
+        .target(name: "VirtualDisk", dependencies: ["LinuxSystem", "CNimbusZlib"], swiftSettings: strict),
         // Layer 3: boot loader, ACPI, CPUID, vCPU threads, the Firecracker-compatible API.
         .target(
             name: "VMM",
@@ -51,6 +57,11 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        .executableTarget(
+            name: "nimbus",
+            dependencies: ["VirtualDisk", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strict),
+        .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk"], swiftSettings: strict),
         .testTarget(
             name: "VMMTests", dependencies: ["VMM", "Devices", "GuestMemory", "KVM", "LinuxSystem"],
             swiftSettings: strict),

@@ -7,6 +7,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 
 int nimbus_ioctl_ptr(int fd, unsigned long request, void *argument) { return ioctl(fd, request, argument); }
 int nimbus_ioctl_val(int fd, unsigned long request, unsigned long argument) { return ioctl(fd, request, argument); }
@@ -60,3 +62,6 @@ int nimbus_unblock_signal(int signal) {
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 void nimbus_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+int nimbus_punch_hole(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}

@@ -1,4 +1,5 @@
 // LinuxSystem (layer 1): an owned file descriptor that closes itself.
+import CNimbusLinux
 import Glibc
 
 /// A file descriptor owned by this object and closed when it is released.
@@ -119,4 +120,96 @@ extension OwnedFileDescriptor {
         if let failure { throw failure }
         return bytes
     }
+}
+
+extension OwnedFileDescriptor {
+    /// Opens (and with `create`, creates or truncates) a file for reading and writing.
+    public static func openReadWrite(_ path: String, create: Bool = false, exclusive: Bool = false) throws(SystemError) -> OwnedFileDescriptor {
+        var flags = O_RDWR
+        if create { flags |= O_CREAT | (exclusive ? O_EXCL : O_TRUNC) }
+        return try open(path, flags: flags)
+    }
+
+    /// Writes all of `buffer` at `offset`.
+    public func writeFully(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let wrote = try retryingSyscall("pwrite") {
+                // SAFETY: reads at most buffer.count - done bytes inside `buffer`.
+                Glibc.pwrite(rawValue, buffer.baseAddress?.advanced(by: done), buffer.count - done, off_t(offset + done))
+            }
+            done += wrote
+        }
+    }
+
+    /// Writes all of `bytes` at `offset`.
+    public func write(_ bytes: [UInt8], at offset: Int) throws(SystemError) {
+        var failure: SystemError?
+        bytes.withUnsafeBytes { buffer in
+            do throws(SystemError) { try writeFully(buffer, at: offset) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Reads up to `count` bytes at `offset`; bytes past the end of the file read as zero.
+    public func readZeroFilled(_ count: Int, at offset: Int) throws(SystemError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var failure: SystemError?
+        bytes.withUnsafeMutableBytes { buffer in
+            var done = 0
+            while done < count {
+                let got = Glibc.pread(rawValue, buffer.baseAddress?.advanced(by: done), count - done, off_t(offset + done))
+                if got < 0 {
+                    if errno == EINTR { continue }
+                    failure = SystemError(call: "pread", subject: "offset \(offset + done)", errno: errno)
+                    return
+                }
+                if got == 0 { return }
+                done += got
+            }
+        }
+        if let failure { throw failure }
+        return bytes
+    }
+
+    /// Flushes the file's data and metadata to stable storage.
+    public func sync() throws(SystemError) {
+        try retryingSyscall("fsync") { fsync(rawValue) }
+    }
+
+    /// Sets the file's length.
+    public func truncate(to length: Int) throws(SystemError) {
+        try retryingSyscall("ftruncate") { ftruncate(rawValue, off_t(length)) }
+    }
+
+    /// Bytes the file occupies on disk (st_blocks × 512).
+    public func allocatedBytes() throws(SystemError) -> UInt64 {
+        var info = stat()
+        try syscallOnce("fstat") { fstat(rawValue, &info) }
+        return UInt64(info.st_blocks) * 512
+    }
+
+    /// Punches a hole (deallocates) `[offset, offset+length)`, keeping the size. Returns false
+    /// when the filesystem cannot.
+    @discardableResult
+    public func punchHole(at offset: Int, length: Int) -> Bool {
+        nimbus_punch_hole(rawValue, Int64(offset), Int64(length)) == 0
+    }
+}
+
+/// The canonical absolute path of an existing file.
+public func realPath(_ path: String) throws(SystemError) -> String {
+    guard let resolved = realpath(path, nil) else { throw SystemError(call: "realpath", subject: path, errno: errno) }
+    defer { free(resolved) }
+    return String(cString: resolved)
+}
+
+/// Atomically replaces `to` with `from` (rename(2)).
+public func renameFile(_ from: String, to: String) throws(SystemError) {
+    try syscallOnce("rename", subject: "\(from) -> \(to)") { rename(from, to) }
+}
+
+/// Removes a file; a missing file is not an error.
+public func removeFile(_ path: String) {
+    unlink(path)
 }

@@ -108,6 +108,8 @@ int nimbus_install_kick_handler(int signal);
 int nimbus_sigrtmin(void);
 /// Unblocks `signal` for the calling thread (a parent may have spawned us with it blocked).
 int nimbus_unblock_signal(int signal);
+/// fallocate(PUNCH_HOLE | KEEP_SIZE): deallocates a file range. Returns 0 or -1 with errno.
+int nimbus_punch_hole(int fd, int64_t offset, int64_t length);
 /// Names the calling thread (at most 15 bytes are kept).
 void nimbus_set_thread_name(const char *name);
 

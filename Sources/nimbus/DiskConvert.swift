@@ -1,0 +1,132 @@
+// nimbus disk convert / map / compare.
+import ArgumentParser
+import Foundation
+import VirtualDisk
+
+extension Disk {
+    struct Convert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy an image into a new one of another (or the same) format.",
+            discussion: "Zero and unallocated ranges stay unallocated in the target. -p shows progress.")
+        @Option(name: .short, help: "Source format (probed when absent).") var f: String?
+        @Option(name: .customShort("O"), help: "Target format: qcow2 or raw.") var outputFormat = "raw"
+        @Option(name: .short, help: "Target options: cluster_size=N, compat=0.10|1.1.") var o: [String] = []
+        @Flag(name: .short, help: "Show a progress line.") var p = false
+        @Argument var source: String
+        @Argument var target: String
+
+        func run() throws {
+            try reportingErrors {
+                guard let format = try parseFormat(outputFormat) else { return }
+                let src = try DiskOpener.open(source, format: try parseFormat(f), readOnly: true)
+                let size = src.virtualSize
+                switch format {
+                case .raw: try RawImage.create(path: target, size: size)
+                case .qcow2:
+                    var options = QCOW2Image.CreateOptions()
+                    for item in o.flatMap({ $0.split(separator: ",") }) {
+                        let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+                        if kv.count == 2 && kv[0] == "cluster_size" { options.clusterSize = Int(try parseSize(kv[1])) }
+                        if kv.count == 2 && kv[0] == "compat" { options.version = kv[1] == "0.10" ? 2 : 3 }
+                    }
+                    try QCOW2Image.create(path: target, size: size, options: options)
+                }
+                let dst = try DiskOpener.open(target, format: format)
+                var progress = Progress(enabled: p)
+                let chunk: UInt64 = 1 << 20
+                var done: UInt64 = 0
+                for extent in try src.map(at: 0, length: size) {
+                    if extent.zero && !extent.data {
+                        done += extent.length
+                        progress.update(done, of: size)
+                        continue
+                    }
+                    var at = extent.start
+                    while at < extent.start + extent.length {
+                        let n = Int(min(chunk, extent.start + extent.length - at))
+                        let bytes = try src.read(at: at, count: n)
+                        if bytes.contains(where: { $0 != 0 }) { try dst.write(bytes, at: at) }
+                        at += UInt64(n)
+                        done += UInt64(n)
+                        progress.update(done, of: size)
+                    }
+                }
+                try dst.flush()
+                progress.update(size, of: size)
+            }
+        }
+    }
+
+    struct MapCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "map", abstract: "Show where an image's data is (like qemu-img map).")
+        @Option(name: .short, help: "Format (probed when absent).") var f: String?
+        @Flag(help: "Print JSON like `qemu-img map --output=json`.") var json = false
+        @Option(name: .customLong("output"), help: "human or json.") var output: String?
+        @Argument var file: String
+
+        func run() throws {
+            try reportingErrors {
+                let image = try DiskOpener.open(file, format: try parseFormat(f), readOnly: true)
+                let extents = try image.map(at: 0, length: image.virtualSize)
+                if json || output == "json" {
+                    printJSON(
+                        extents.map { e -> [String: Any] in
+                            var d: [String: Any] = [
+                                "start": e.start, "length": e.length, "depth": e.depth, "present": e.present, "zero": e.zero, "data": e.data,
+                            ]
+                            if let o = e.offset { d["offset"] = o }
+                            return d
+                        })
+                } else {
+                    print("Offset          Length          Mapped to       File")
+                    for e in extents where e.data {
+                        let hex = { (v: UInt64) in "0x" + String(v, radix: 16) }
+                        print(
+                            "\(hex(e.start).padding(toLength: 16, withPad: " ", startingAt: 0))\(hex(e.length).padding(toLength: 16, withPad: " ", startingAt: 0))\((e.offset.map(hex) ?? "-").padding(toLength: 16, withPad: " ", startingAt: 0))\(file)"
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    struct Compare: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Compare the contents of two images.",
+            discussion: "Exit status: 0 identical, 1 different, 2 error (as qemu-img compare).")
+        @Option(name: .short, help: "Format of the first image.") var f: String?
+        @Option(name: .customShort("F"), help: "Format of the second image.") var secondFormat: String?
+        @Argument var first: String
+        @Argument var second: String
+
+        func run() throws {
+            let identical: Bool
+            do {
+                let a = try DiskOpener.open(first, format: try parseFormat(f), readOnly: true)
+                let b = try DiskOpener.open(second, format: try parseFormat(secondFormat), readOnly: true)
+                let size = max(a.virtualSize, b.virtualSize)
+                var at: UInt64 = 0
+                var mismatch: UInt64?
+                while at < size, mismatch == nil {
+                    let n = Int(min(1 << 20, size - at))
+                    func bytes(_ image: any DiskImage) throws -> [UInt8] {
+                        guard at < image.virtualSize else { return [UInt8](repeating: 0, count: n) }
+                        let m = Int(min(UInt64(n), image.virtualSize - at))
+                        return try image.read(at: at, count: m) + [UInt8](repeating: 0, count: n - m)
+                    }
+                    let x = try bytes(a), y = try bytes(b)
+                    if x != y, let i = zip(x, y).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset {
+                        mismatch = at + UInt64(i)
+                    }
+                    at += UInt64(n)
+                }
+                if let mismatch { print("Content mismatch at offset \(mismatch)!") } else { print("Images are identical.") }
+                identical = mismatch == nil
+            } catch {
+                FileHandle.standardError.write(Data("nimbus disk: \(error)\n".utf8))
+                throw ExitCode(2)
+            }
+            if !identical { throw ExitCode(1) }
+        }
+    }
+}

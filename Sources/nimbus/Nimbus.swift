@@ -1,0 +1,11 @@
+// nimbus: the Nimbus command line. `nimbus disk …` manages virtual disks like qemu-img.
+import ArgumentParser
+
+@main
+struct Nimbus: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nimbus",
+        abstract: "Nimbus, a cloud virtualization platform: command line.",
+        version: "0.1.0",
+        subcommands: [Disk.self])
+}
