@@ -120,7 +120,7 @@ extension Disk {
                     }
                     at += UInt64(n)
                 }
-                if let mismatch { print("Content mismatch at offset \(mismatch)!") } else { print("Images are identical.") }
+                if let mismatch { print("Content mismatch at offset \(mismatch).") } else { print("Images are identical.") }
                 identical = mismatch == nil
             } catch {
                 FileHandle.standardError.write(Data("nimbus disk: \(error)\n".utf8))

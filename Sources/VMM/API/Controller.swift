@@ -110,11 +110,11 @@ public final class VMMController: Sendable {
             return try preBoot { c in c.bootSource = try BootSource(json: json) }
         case ("PUT", "drives", 2):
             let drive = try DriveConfig(json: try parseBody(body))
-            guard drive.driveID == parts[1] else { throw ConfigError("The id from the path does not match the id from the body!") }
+            guard drive.driveID == parts[1] else { throw ConfigError("The id from the path does not match the id from the body.") }
             return try preBoot { c in try c.addDrive(drive) }
         case ("PUT", "network-interfaces", 2):
             let iface = try NetworkInterfaceConfig(json: try parseBody(body))
-            guard iface.ifaceID == parts[1] else { throw ConfigError("The id from the path does not match the id from the body!") }
+            guard iface.ifaceID == parts[1] else { throw ConfigError("The id from the path does not match the id from the body.") }
             return try preBoot { c in try c.addNetworkInterface(iface) }
         case ("GET", "vm", 2) where parts[1] == "config":
             return .ok(inner.withLock { $0.config.json })
