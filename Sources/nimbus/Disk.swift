@@ -6,7 +6,10 @@ import VirtualDisk
 struct Disk: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create, inspect, check and convert qcow2 and raw disk images (qemu-img compatible).",
-        subcommands: [Create.self, Info.self, Check.self, Convert.self, MapCommand.self, Compare.self])
+        subcommands: [
+            Create.self, Info.self, Check.self, Convert.self, MapCommand.self, Compare.self, Snapshot.self, Resize.self, Commit.self,
+            Rebase.self,
+        ])
 }
 
 /// Parses sizes like 10G, 512M, 4096, 1.5G (binary units, as qemu-img does).

@@ -158,3 +158,61 @@ struct QemuInteropTests {
         #expect(killedMidWrite >= 3, "the writer finished before most kills; the test proved little")
     }
 }
+
+@Suite(.enabled(if: Peer.enabled, "needs qemu-img (Debian qemu-utils)"), .serialized)
+struct QemuMaintenanceTests {
+    func qemu(_ args: [String]) throws -> String {
+        let (status, text) = try Peer.run(args[0].hasPrefix("/") ? args[0] : args[0], Array(args.dropFirst()))
+        #expect(status == 0, "\(args.joined(separator: " ")): \(text)")
+        return text
+    }
+
+    @Test func snapshotsInteroperateWithQemuImg() throws {
+        let dir = try TempDir()
+        let s = dir.path("s.qcow2"), n = Peer.nimbus
+        _ = try qemu(["qemu-img", "create", "-f", "qcow2", s, "16M"])
+        _ = try qemu(["qemu-io", "-c", "write -P 0x11 0 2M", s])
+        _ = try qemu([n, "disk", "snapshot", "-c", "one", s])
+        #expect(try qemu(["qemu-img", "check", s]).contains("No errors"))
+        _ = try qemu(["qemu-io", "-c", "write -P 0x22 1M 2M", s])
+        _ = try qemu([n, "disk", "snapshot", "-c", "two", s])
+        let list = try qemu(["qemu-img", "snapshot", "-l", s])
+        #expect(list.contains("one") && list.contains("two"))
+        _ = try qemu(["qemu-img", "convert", "-O", "raw", s, dir.path("two.raw")])
+        _ = try qemu([n, "disk", "snapshot", "-a", "one", s])
+        #expect(try qemu(["qemu-img", "check", s]).contains("No errors"))
+        #expect(try qemu(["qemu-io", "-c", "read -P 0x11 0 2M", s]).contains("read 2097152/2097152"))
+        _ = try qemu(["qemu-img", "snapshot", "-a", "two", s])
+        _ = try qemu(["qemu-img", "compare", dir.path("two.raw"), s])
+        _ = try qemu([n, "disk", "snapshot", "-d", "one", s])
+        _ = try qemu([n, "disk", "snapshot", "-d", "two", s])
+        let check = try qemu(["qemu-img", "check", s])
+        #expect(check.contains("No errors") && !check.contains("leaked"))
+        _ = try qemu(["qemu-img", "snapshot", "-c", "q", s])
+        #expect(try qemu([n, "disk", "snapshot", "-l", s]).contains("q"))
+    }
+
+    @Test func resizeCommitAndRebaseKeepContent() throws {
+        let dir = try TempDir()
+        let base = dir.path("b.qcow2"), top = dir.path("t.qcow2"), n = Peer.nimbus
+        _ = try qemu(["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096", base, "8M"])
+        _ = try qemu(["qemu-io", "-c", "write -P 0x31 0 3M", base])
+        _ = try qemu([n, "disk", "resize", base, "+600M"])
+        #expect(try qemu(["qemu-img", "info", base]).contains("637534208 bytes"))
+        #expect(try qemu(["qemu-img", "check", base]).contains("No errors"))
+        _ = try qemu(["qemu-img", "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", top])
+        _ = try qemu(["qemu-io", "-c", "write -P 0x77 2M 2M", top])
+        _ = try qemu(["qemu-img", "convert", "-O", "raw", top, dir.path("t.raw")])
+        _ = try qemu([n, "disk", "commit", top])
+        _ = try qemu(["qemu-img", "compare", dir.path("t.raw"), base])
+        _ = try qemu(["qemu-img", "compare", dir.path("t.raw"), top])
+        #expect(try qemu(["qemu-img", "check", base]).contains("No errors"))
+        _ = try qemu(["qemu-img", "create", "-f", "qcow2", dir.path("other.qcow2"), "637534208"])
+        _ = try qemu([n, "disk", "rebase", "-b", "other.qcow2", "-F", "qcow2", top])
+        _ = try qemu(["qemu-img", "compare", dir.path("t.raw"), top])
+        #expect(try qemu(["qemu-img", "info", top]).contains("backing file: other.qcow2"))
+        #expect(try qemu(["qemu-img", "check", top]).contains("No errors"))
+        let (status, text) = try Peer.run(n, ["disk", "resize", base, "1M"])
+        #expect(status != 0 && text.contains("--shrink"))
+    }
+}

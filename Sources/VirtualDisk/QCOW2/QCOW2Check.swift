@@ -157,28 +157,8 @@ extension QCOW2Image {
 
     /// Sets every COPIED flag in the active tables to match the stored refcounts.
     func repairCopiedFlags(_ result: inout CheckResult) throws {
-        let cs = UInt64(clusterSize)
-        for (i, l1Entry) in l1.enumerated() {
-            let l2Offset = l1Entry & Self.offsetMask
-            if l2Offset == 0 { continue }
-            let wantCopied = try refcount(cluster: l2Offset / cs) == 1
-            if wantCopied != (l1Entry & Self.copiedFlag != 0) {
-                l1[i] = wantCopied ? l1Entry | Self.copiedFlag : l1Entry & ~Self.copiedFlag
-                try pwrite(Self.encodeU64([l1[i]]), at: header.l1TableOffset + UInt64(i) * 8)
-                result.corruptionsFixed += 1
-                result.corruptions += 1
-            }
-            guard l2Offset + cs <= fileEnd else { continue }
-            let table = try l2Table(at: l2Offset)
-            for (j, entry) in table.enumerated() {
-                guard case .data(let host, let copied) = classify(entry) else { continue }
-                let want = try refcount(cluster: host / cs) == 1
-                if want != copied {
-                    try setL2Entry(l2Offset, j, want ? entry | Self.copiedFlag : entry & ~Self.copiedFlag)
-                    result.corruptionsFixed += 1
-                    result.corruptions += 1
-                }
-            }
-        }
+        let changed = try updateCopiedFlags()
+        result.corruptions += changed
+        result.corruptionsFixed += changed
     }
 }
