@@ -38,6 +38,14 @@ let package = Package(
         .target(name: "CNimbusZlib", linkerSettings: [.linkedLibrary("z")]),
         // Layer 2: raw and qcow2 images, backing chains, snapshots, check and repair.
         .target(name: "VirtualDisk", dependencies: ["LinuxSystem", "CNimbusZlib"], swiftSettings: strict),
+        // Layer 2: the NBD server exporting a virtual disk.
+        .target(
+            name: "NBD",
+            dependencies: [
+                "VirtualDisk", "LinuxSystem", .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         // Layer 3: boot loader, ACPI, CPUID, vCPU threads, the Firecracker-compatible API.
         .target(
             name: "VMM",
@@ -59,9 +67,14 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "nimbus",
-            dependencies: ["VirtualDisk", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "VirtualDisk", "NBD", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict),
-        .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk"], swiftSettings: strict),
+        .testTarget(
+            name: "VirtualDiskTests", dependencies: ["VirtualDisk", "NBD", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict),
         .testTarget(
             name: "VMMTests", dependencies: ["VMM", "Devices", "GuestMemory", "KVM", "LinuxSystem"],
             swiftSettings: strict),

@@ -8,7 +8,7 @@ struct Disk: ParsableCommand {
         abstract: "Create, inspect, check and convert qcow2 and raw disk images (qemu-img compatible).",
         subcommands: [
             Create.self, Info.self, Check.self, Convert.self, MapCommand.self, Compare.self, Snapshot.self, Resize.self, Commit.self,
-            Rebase.self,
+            Rebase.self, Serve.self,
         ])
 }
 
