@@ -32,3 +32,40 @@ public enum UnixSocketPath {
 
     public static func remove(_ path: String) { unlink(path) }
 }
+
+/// Space on the file system holding a path.
+public struct FileSystemSpace: Sendable {
+    public let totalBytes: UInt64
+    public let availableBytes: UInt64
+}
+
+/// statvfs(2) for `path`.
+public func fileSystemSpace(_ path: String) throws(SystemError) -> FileSystemSpace {
+    var s = statvfs()
+    try syscallOnce("statvfs", subject: path) { statvfs(path, &s) }
+    return FileSystemSpace(totalBytes: UInt64(s.f_blocks) * UInt64(s.f_frsize), availableBytes: UInt64(s.f_bavail) * UInt64(s.f_frsize))
+}
+
+/// Names of the entries of a directory (without "." and "..").
+public func directoryEntries(_ path: String) throws(SystemError) -> [String] {
+    guard let dir = opendir(path) else { throw SystemError(call: "opendir", subject: path, errno: errno) }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            // SAFETY: d_name is a NUL-terminated array inside the dirent readdir returned.
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names
+}
+
+/// Creates a directory (and its parents) if it does not exist.
+public func makeDirectories(_ path: String) throws(SystemError) {
+    var current = path.hasPrefix("/") ? "" : "."
+    for part in path.split(separator: "/") {
+        current += "/" + part
+        if mkdir(current, 0o755) != 0 && errno != EEXIST { throw SystemError(call: "mkdir", subject: current, errno: errno) }
+    }
+}

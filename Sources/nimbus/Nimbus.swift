@@ -7,5 +7,5 @@ struct Nimbus: ParsableCommand {
         commandName: "nimbus",
         abstract: "Nimbus, a cloud virtualization platform: command line.",
         version: "0.1.0",
-        subcommands: [Disk.self])
+        subcommands: [Disk.self, Pool.self])
 }
