@@ -68,7 +68,7 @@ let package = Package(
         .executableTarget(
             name: "nimbus",
             dependencies: [
-                "VirtualDisk", "NBD", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "VirtualDisk", "NBD", "LinuxSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),

@@ -8,6 +8,8 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <fcntl.h>
+#include <malloc.h>
+#include <unistd.h>
 #include <linux/falloc.h>
 
 int nimbus_ioctl_ptr(int fd, unsigned long request, void *argument) { return ioctl(fd, request, argument); }
@@ -64,4 +66,11 @@ int nimbus_unblock_signal(int signal) {
 void nimbus_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 int nimbus_punch_hole(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+void nimbus_keep_allocations_on_heap(int bytes) {
+    mallopt(M_MMAP_THRESHOLD, bytes);
+    mallopt(M_TRIM_THRESHOLD, bytes * 2);
+}
+int64_t nimbus_seek_data_or_hole(int fd, int64_t offset, int data) {
+    return lseek(fd, offset, data ? SEEK_DATA : SEEK_HOLE);
 }

@@ -1,4 +1,5 @@
 // LinuxSystem (layer 1): facts about the host machine.
+import CNimbusLinux
 import Glibc
 
 public enum Host {
@@ -67,5 +68,33 @@ public func makeDirectories(_ path: String) throws(SystemError) {
     for part in path.split(separator: "/") {
         current += "/" + part
         if mkdir(current, 0o755) != 0 && errno != EEXIST { throw SystemError(call: "mkdir", subject: current, errno: errno) }
+    }
+}
+
+extension Host {
+    /// Makes glibc keep large buffers (up to 64 MiB) on its heap instead of mapping and unmapping
+    /// each one: a disk tool that allocates a 1 MiB buffer per chunk otherwise spends most of its
+    /// time in page faults.
+    public static func keepLargeAllocationsOnHeap() {
+        nimbus_keep_allocations_on_heap(64 << 20)
+    }
+}
+
+extension OwnedFileDescriptor {
+    /// The data (non-hole) ranges of the file within `[from, to)`, from SEEK_DATA/SEEK_HOLE;
+    /// nil when the file system cannot tell.
+    public func dataRanges(from: Int, to: Int) -> [Range<Int>]? {
+        var result: [Range<Int>] = []
+        var at = from
+        while at < to {
+            let data = nimbus_seek_data_or_hole(rawValue, Int64(at), 1)
+            if data < 0 { return errno == ENXIO ? result : nil }
+            if Int(data) >= to { break }
+            let hole = nimbus_seek_data_or_hole(rawValue, data, 0)
+            if hole < 0 { return nil }
+            result.append(Int(data)..<min(Int(hole), to))
+            at = Int(hole)
+        }
+        return result
     }
 }

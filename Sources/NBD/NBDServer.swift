@@ -65,6 +65,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
+    /// Replies to a batch of pipelined requests go out in one flush.
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+    }
+
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.info("NBD client \(context.remoteAddress.map { "\($0)" } ?? "?"): \(error); closing")
         context.close(promise: nil)
@@ -175,7 +180,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         b.writeInteger(error)
         b.writeInteger(cookie)
         b.writeBytes(data)
-        context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+        context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
     }
 
     func chunk(_ context: ChannelHandlerContext, cookie: UInt64, type: UInt16, done: Bool, payload: ByteBuffer) {
@@ -187,7 +192,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         b.writeInteger(UInt32(payload.readableBytes))
         var p = payload
         b.writeBuffer(&p)
-        context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+        context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
     }
 
     func reply(_ context: ChannelHandlerContext, _ request: NBDRequest, error: UInt32, message: String = "") {
@@ -264,6 +269,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
                 chunk(context, cookie: request.cookie, type: NBD.replyBlockStatus, done: true, payload: p)
             case NBD.cmdDisconnect:
                 try? image.flush()
+                context.flush()
                 context.close(promise: nil)
             default:
                 reply(context, request, error: NBD.EINVAL, message: "command \(request.type) is not supported")

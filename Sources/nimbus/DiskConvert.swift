@@ -12,6 +12,7 @@ extension Disk {
         @Option(name: .customShort("O"), help: "Target format: qcow2 or raw.") var outputFormat = "raw"
         @Option(name: .short, help: "Target options: cluster_size=N, compat=0.10|1.1.") var o: [String] = []
         @Flag(name: .short, help: "Show a progress line.") var p = false
+        @Flag(help: "fsync the target before exiting (qemu-img's default cache mode, unsafe, does not).") var sync = false
         @Argument var source: String
         @Argument var target: String
 
@@ -51,7 +52,7 @@ extension Disk {
                         progress.update(done, of: size)
                     }
                 }
-                try dst.flush()
+                if sync { try dst.flush() }
                 progress.update(size, of: size)
             }
         }

@@ -1,5 +1,6 @@
 // nimbus: the Nimbus command line. `nimbus disk …` manages virtual disks like qemu-img.
 import ArgumentParser
+import LinuxSystem
 
 @main
 struct Nimbus: ParsableCommand {
@@ -8,4 +9,14 @@ struct Nimbus: ParsableCommand {
         abstract: "Nimbus, a cloud virtualization platform: command line.",
         version: "0.1.0",
         subcommands: [Disk.self, Pool.self])
+
+    static func main() {
+        Host.keepLargeAllocationsOnHeap()
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            exit(withError: error)
+        }
+    }
 }

@@ -110,6 +110,10 @@ int nimbus_sigrtmin(void);
 int nimbus_unblock_signal(int signal);
 /// fallocate(PUNCH_HOLE | KEEP_SIZE): deallocates a file range. Returns 0 or -1 with errno.
 int nimbus_punch_hole(int fd, int64_t offset, int64_t length);
+/// mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD): keep buffers up to `bytes` on the heap.
+void nimbus_keep_allocations_on_heap(int bytes);
+/// lseek with SEEK_DATA (data=1) or SEEK_HOLE (data=0).
+int64_t nimbus_seek_data_or_hole(int fd, int64_t offset, int data);
 /// Names the calling thread (at most 15 bytes are kept).
 void nimbus_set_thread_name(const char *name);
 

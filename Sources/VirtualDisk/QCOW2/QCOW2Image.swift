@@ -281,9 +281,8 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
     }
 
     func setL2Entry(_ l2Offset: UInt64, _ index: Int, _ value: UInt64) throws {
-        var table = try l2Table(at: l2Offset)
-        table[index] = value
-        l2Cache[l2Offset] = table
+        if l2Cache[l2Offset] == nil { _ = try l2Table(at: l2Offset) }
+        l2Cache[l2Offset]?[index] = value  // in place: no copy of the table
         try pwrite(Self.encodeU64([value]), at: l2Offset + UInt64(index) * 8)
     }
 

@@ -55,11 +55,10 @@ extension QCOW2Image {
     func storeRefcount(cluster: UInt64, _ value: UInt64) throws {
         let tableIndex = Int(cluster / UInt64(refsPerBlock))
         let blockOffset = refcountTable[tableIndex] & Self.offsetMask
-        var block = try refcountBlock(at: blockOffset)
+        if refblockCache[blockOffset] == nil { _ = try refcountBlock(at: blockOffset) }
         let index = Int(cluster % UInt64(refsPerBlock))
-        block[index] = value
-        refblockCache[blockOffset] = block
-        let (at, bytes) = Self.encodeRefcount(block, index: index, bits: refcountBits)
+        refblockCache[blockOffset]?[index] = value  // in place: no copy of the block
+        let (at, bytes) = Self.encodeRefcount(refblockCache[blockOffset] ?? [], index: index, bits: refcountBits)
         try pwrite(bytes, at: blockOffset + UInt64(at))
         if value == 0 { freeHint = min(freeHint, cluster) }
     }

@@ -65,8 +65,23 @@ public final class RawImage: DiskImage {
 
     public func map(at offset: UInt64, length: UInt64) throws -> [Extent] {
         try checkRange(self, offset, length)
-        // SEEK_DATA/SEEK_HOLE would be finer; a raw image reports itself as data.
-        return [Extent(start: offset, length: length, depth: 0, present: true, zero: false, data: true, offset: offset)]
+        let end = offset + length
+        guard let ranges = file.dataRanges(from: Int(offset), to: Int(end)) else {
+            return [Extent(start: offset, length: length, depth: 0, present: true, zero: false, data: true, offset: offset)]
+        }
+        // Holes read as zeros; data ranges as data, as `qemu-img map` reports a raw file.
+        var extents: [Extent] = []
+        var at = offset
+        for r in ranges {
+            if UInt64(r.lowerBound) > at {
+                extents.append(Extent(start: at, length: UInt64(r.lowerBound) - at, depth: 0, present: true, zero: true, data: false, offset: at))
+            }
+            extents.append(
+                Extent(start: UInt64(r.lowerBound), length: UInt64(r.count), depth: 0, present: true, zero: false, data: true, offset: UInt64(r.lowerBound)))
+            at = UInt64(r.upperBound)
+        }
+        if at < end { extents.append(Extent(start: at, length: end - at, depth: 0, present: true, zero: true, data: false, offset: at)) }
+        return extents
     }
 
     public func allocatedBytes() throws -> UInt64 {

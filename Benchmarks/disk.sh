@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# disk.sh: Nimbus's disk tools against QEMU's, side by side in one run, on the same 1 GiB images.
+#   convert: `nimbus disk convert` vs `qemu-img convert`, raw -> qcow2 and qcow2 -> raw
+#   NBD:     `nimbus disk serve` vs `qemu-nbd`, both on a Unix socket, under fio's nbd engine:
+#            4 KiB random read and write at QD32 and QD1, 1 MiB sequential read and write
+# Prints each figure, the medians and the ratio nimbus/qemu (for times: qemu/nimbus, so that
+# > 1.0 always means Nimbus is faster).
+#   Benchmarks/disk.sh [--nimbus PATH] [--runs N] [--seconds S] [--size-mib M] [--dir DIR]
+set -euo pipefail
+nimbus=.build/release/nimbus runs=3 seconds=8 size_mib=1024 dir=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nimbus) nimbus=$2; shift ;;
+        --runs) runs=$2; shift ;;
+        --seconds) seconds=$2; shift ;;
+        --size-mib) size_mib=$2; shift ;;
+        --dir) dir=$2; shift ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "disk.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+cd "$(dirname "$0")/.."
+[ -x "$nimbus" ] || { echo "disk.sh: build $nimbus first (swift build -c release --product nimbus)" >&2; exit 1; }
+for t in qemu-img qemu-nbd fio; do command -v $t >/dev/null || { echo "disk.sh: $t is missing" >&2; exit 1; }; done
+work=${dir:-$(mktemp -d /var/tmp/nimbus-diskbench.XXXXXX)}
+mkdir -p "$work"
+cleanup() { pkill -f "nimbus-diskbench" 2>/dev/null || true; [ -n "$dir" ] || rm -rf "$work"; }
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+echo "== disk benchmark: $size_mib MiB images in $work, $runs runs, fio $seconds s per row"
+# Source: half random data, half zeros, interleaved in 64 MiB blocks (as a used disk looks).
+src=$work/src.raw
+if [ ! -f "$src" ]; then
+    truncate -s "${size_mib}M" "$src"
+    for ((i = 0; i < size_mib / 64; i += 2)); do
+        dd if=/dev/urandom of="$src" bs=1M count=64 seek=$((i * 64)) conv=notrunc status=none
+    done
+fi
+sync
+
+declare -A R
+row() { R["$1|$2"]+="$3 "; }
+
+time_cmd() { local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now); echo "$t1 - $t0" | bc -l; }
+
+for ((r = 1; r <= runs; r++)); do
+    rm -f "$work"/q.qcow2 "$work"/n.qcow2
+    row convert-raw-to-qcow2 qemu "$(time_cmd qemu-img convert -f raw -O qcow2 "$src" "$work/q.qcow2")"
+    row convert-raw-to-qcow2 nimbus "$(time_cmd "$nimbus" disk convert -f raw -O qcow2 "$src" "$work/n.qcow2")"
+    rm -f "$work"/q.raw "$work"/n.raw
+    row convert-qcow2-to-raw qemu "$(time_cmd qemu-img convert -f qcow2 -O raw "$work/q.qcow2" "$work/q.raw")"
+    row convert-qcow2-to-raw nimbus "$(time_cmd "$nimbus" disk convert -f qcow2 -O raw "$work/n.qcow2" "$work/n.raw")"
+done
+qemu-img compare -q "$src" "$work/n.qcow2" && qemu-img compare -q "$src" "$work/n.raw" || { echo "disk.sh: nimbus convert output differs" >&2; exit 1; }
+
+# NBD: fresh fully allocated qcow2 copies for each server.
+fio_row() { # name rw bs iodepth uri
+    fio --name="$1" --ioengine=nbd --uri="$5" --rw="$2" --bs="$3" --iodepth="$4" --size="${size_mib}M" \
+        --runtime="$seconds" --time_based --output-format=terse --terse-version=3 2>/dev/null |
+        awk -F';' -v rw="$2" '{ if (rw ~ /read/) print $8; else print $49 }'  # IOPS of reads or writes
+}
+declare -a FIO_ROWS=("randread-4k-qd32 randread 4k 32" "randread-4k-qd1 randread 4k 1" "randwrite-4k-qd32 randwrite 4k 32"
+    "randwrite-4k-qd1 randwrite 4k 1" "seqread-1m read 1m 8" "seqwrite-1m write 1m 8")
+for ((r = 1; r <= runs; r++)); do
+    for server in qemu nimbus; do
+        cp --sparse=always "$work/q.qcow2" "$work/nbd-$server.qcow2"
+        sock=$work/nbd-$server.sock
+        rm -f "$sock"
+        if [ $server = qemu ]; then
+            qemu-nbd -f qcow2 --cache=writeback --aio=threads -k "$sock" -e 8 -t "$work/nbd-$server.qcow2" & pid=$!
+        else
+            "$nimbus" disk serve -f qcow2 --socket "$sock" "$work/nbd-$server.qcow2" 2>/dev/null & pid=$!
+        fi
+        for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+        for spec in "${FIO_ROWS[@]}"; do
+            set -- $spec
+            row "$1" "$server" "$(fio_row "$1" "$2" "$3" "$4" "nbd+unix:///?socket=$sock")"
+        done
+        kill $pid; wait $pid 2>/dev/null || true
+    done
+done
+
+printf '\n%-22s %14s %14s %8s  %s\n' row qemu nimbus ratio unit
+for name in convert-raw-to-qcow2 convert-qcow2-to-raw randread-4k-qd32 randread-4k-qd1 randwrite-4k-qd32 randwrite-4k-qd1 seqread-1m seqwrite-1m; do
+    q=$(echo ${R["$name|qemu"]} | tr ' ' '\n' | median)
+    n=$(echo ${R["$name|nimbus"]} | tr ' ' '\n' | median)
+    case $name in
+        convert*) unit="s (lower is better; ratio = qemu/nimbus)"; ratio=$(echo "$q / $n" | bc -l) ;;
+        seq*) unit="IOPS of 1 MiB (ratio = nimbus/qemu)"; ratio=$(echo "$n / $q" | bc -l) ;;
+        *) unit="IOPS (ratio = nimbus/qemu)"; ratio=$(echo "$n / $q" | bc -l) ;;
+    esac
+    printf '%-22s %14.3f %14.3f %8.2f  %s\n' "$name" "$q" "$n" "$ratio" "$unit"
+done
