@@ -7,7 +7,7 @@
 # > 1.0 always means Nimbus is faster).
 #   Benchmarks/disk.sh [--nimbus PATH] [--runs N] [--seconds S] [--size-mib M] [--dir DIR]
 set -euo pipefail
-nimbus=.build/release/nimbus runs=3 seconds=8 size_mib=1024 dir=""
+nimbus=.build/release/nimbus runs=5 seconds=6 size_mib=1024 dir=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --nimbus) nimbus=$2; shift ;;
@@ -45,15 +45,21 @@ sync
 declare -A R
 row() { R["$1|$2"]+="$3 "; }
 
-time_cmd() { local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now); echo "$t1 - $t0" | bc -l; }
+# Dirty pages of the previous command are written back first, so neither tool pays for the other.
+time_cmd() { local t0 t1; sync; t0=$(now); "$@" >/dev/null; t1=$(now); echo "$t1 - $t0" | bc -l; }
 
-for ((r = 1; r <= runs; r++)); do
-    rm -f "$work"/q.qcow2 "$work"/n.qcow2
+convert_qemu() {
+    rm -f "$work"/q.qcow2 "$work"/q.raw; sync
     row convert-raw-to-qcow2 qemu "$(time_cmd qemu-img convert -f raw -O qcow2 "$src" "$work/q.qcow2")"
-    row convert-raw-to-qcow2 nimbus "$(time_cmd "$nimbus" disk convert -f raw -O qcow2 "$src" "$work/n.qcow2")"
-    rm -f "$work"/q.raw "$work"/n.raw
     row convert-qcow2-to-raw qemu "$(time_cmd qemu-img convert -f qcow2 -O raw "$work/q.qcow2" "$work/q.raw")"
+}
+convert_nimbus() {
+    rm -f "$work"/n.qcow2 "$work"/n.raw; sync
+    row convert-raw-to-qcow2 nimbus "$(time_cmd "$nimbus" disk convert -f raw -O qcow2 "$src" "$work/n.qcow2")"
     row convert-qcow2-to-raw nimbus "$(time_cmd "$nimbus" disk convert -f qcow2 -O raw "$work/n.qcow2" "$work/n.raw")"
+}
+for ((r = 1; r <= runs; r++)); do   # alternate which tool goes first
+    if ((r % 2)); then convert_qemu; convert_nimbus; else convert_nimbus; convert_qemu; fi
 done
 qemu-img compare -q "$src" "$work/n.qcow2" && qemu-img compare -q "$src" "$work/n.raw" || { echo "disk.sh: nimbus convert output differs" >&2; exit 1; }
 
@@ -66,7 +72,9 @@ fio_row() { # name rw bs iodepth uri
 declare -a FIO_ROWS=("randread-4k-qd32 randread 4k 32" "randread-4k-qd1 randread 4k 1" "randwrite-4k-qd32 randwrite 4k 32"
     "randwrite-4k-qd1 randwrite 4k 1" "seqread-1m read 1m 8" "seqwrite-1m write 1m 8")
 for ((r = 1; r <= runs; r++)); do
-    for server in qemu nimbus; do
+    order="qemu nimbus"
+    ((r % 2)) || order="nimbus qemu"
+    for server in $order; do
         cp --sparse=always "$work/q.qcow2" "$work/nbd-$server.qcow2"
         sock=$work/nbd-$server.sock
         rm -f "$sock"
@@ -76,6 +84,7 @@ for ((r = 1; r <= runs; r++)); do
             "$nimbus" disk serve -f qcow2 --socket "$sock" "$work/nbd-$server.qcow2" 2>/dev/null & pid=$!
         fi
         for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+        sync
         for spec in "${FIO_ROWS[@]}"; do
             set -- $spec
             row "$1" "$server" "$(fio_row "$1" "$2" "$3" "$4" "nbd+unix:///?socket=$sock")"

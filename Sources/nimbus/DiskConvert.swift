@@ -12,6 +12,7 @@ extension Disk {
         @Option(name: .customShort("O"), help: "Target format: qcow2 or raw.") var outputFormat = "raw"
         @Option(name: .short, help: "Target options: cluster_size=N, compat=0.10|1.1.") var o: [String] = []
         @Flag(name: .short, help: "Show a progress line.") var p = false
+        @Flag(name: .short, help: "Compress the target's clusters (qcow2 only).") var c = false
         @Flag(help: "fsync the target before exiting (qemu-img's default cache mode, unsafe, does not).") var sync = false
         @Argument var source: String
         @Argument var target: String
@@ -32,8 +33,13 @@ extension Disk {
                     }
                     try QCOW2Image.create(path: target, size: size, options: options)
                 }
-                let dst = try DiskOpener.open(target, format: format)
                 var progress = Progress(enabled: p)
+                let dst = try DiskOpener.open(target, format: format)
+                if c {
+                    guard let q = dst as? QCOW2Image else { throw DiskError("-c needs the qcow2 target format") }
+                    try Disk.convertCompressed(from: src, to: q, progress: &progress)
+                    return
+                }
                 let chunk: UInt64 = 1 << 20
                 var done: UInt64 = 0
                 for extent in try src.map(at: 0, length: size) {
@@ -55,6 +61,27 @@ extension Disk {
                 if sync { try dst.flush() }
                 progress.update(size, of: size)
             }
+        }
+    }
+
+    /// Copies `src` into `dst` one cluster at a time, compressing every non-zero cluster.
+    static func convertCompressed(from src: any DiskImage, to dst: QCOW2Image, progress: inout Progress) throws {
+        let cs = UInt64(dst.currentHeader.clusterSize)
+        let size = src.virtualSize
+        var at: UInt64 = 0
+        while at < size {
+            let n = Int(min(cs, size - at))
+            var bytes = try src.read(at: at, count: n)
+            if bytes.contains(where: { $0 != 0 }) {
+                if n < Int(cs) {
+                    try dst.write(bytes, at: at)
+                } else {
+                    try dst.writeCompressed(bytes, at: at)
+                }
+            }
+            bytes.removeAll()
+            at += UInt64(n)
+            progress.update(at, of: size)
         }
     }
 

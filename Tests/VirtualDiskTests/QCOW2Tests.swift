@@ -134,3 +134,26 @@ import Testing
         try roundTrip(clusterSize: 512, size: 24 << 20, writes: 12)
     }
 }
+
+@Suite struct QCOW2EdgeTests {
+    @Test func refcountOverflowIsAClearError() throws {
+        let dir = try TempDir()
+        var options = QCOW2Image.CreateOptions()
+        options.refcountBits = 1
+        try QCOW2Image.create(path: dir.path("o.qcow2"), size: 1 << 20, options: options)
+        let image = try #require(try DiskOpener.open(dir.path("o.qcow2")) as? QCOW2Image)
+        try image.write([1, 2, 3], at: 0)
+        #expect { try image.createSnapshot(name: "s") } throws: { "\($0)".contains("overflow") }
+    }
+
+    @Test func compressedWritesReadBack() throws {
+        let dir = try TempDir()
+        try QCOW2Image.create(path: dir.path("c.qcow2"), size: 1 << 20)
+        let image = try #require(try DiskOpener.open(dir.path("c.qcow2")) as? QCOW2Image)
+        let data = (0..<65536).map { UInt8(truncatingIfNeeded: $0 / 100) }
+        try image.writeCompressed(data, at: 65536)
+        #expect(try image.read(at: 65536, count: 65536) == data)
+        if case .compressed = image.classify(try image.l2Entry(forCluster: 1)) {} else { Issue.record("cluster 1 should be compressed") }
+        #expect(try image.check().exitCode == 0)
+    }
+}

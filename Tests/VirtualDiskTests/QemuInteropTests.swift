@@ -127,6 +127,13 @@ struct QemuInteropTests {
         #expect(status == 0, "\(text)")
         (status, text) = try Peer.run("qemu-img", ["info", "--backing-chain", dir.path("top.qcow2")])
         #expect(status == 0 && text.contains("backing file: out.qcow2"), "\(text)")
+        let c = dir.path("c.qcow2")
+        (status, text) = try Peer.run(Peer.nimbus, ["disk", "convert", "-c", "-O", "qcow2", raw, c])
+        #expect(status == 0, "\(text)")
+        (status, text) = try Peer.run("qemu-img", ["check", c])
+        #expect(status == 0 && text.contains("compressed clusters") && !text.contains(" 0.00% compressed"), "\(text)")
+        (status, text) = try Peer.run("qemu-img", ["compare", raw, c])
+        #expect(status == 0, "\(text)")
         (status, text) = try Peer.run(Peer.nimbus, ["disk", "create", "-f", "qcow2", dir.path("bad.qcow2"), "12Q"])
         #expect(status != 0 && text.contains("invalid size"))
     }

@@ -1,5 +1,7 @@
 // VirtualDisk (layer 2): resize, commit into the backing file, and rebase onto another backing
 // file — the qcow2 operations that change an image's shape or chain.
+import CNimbusZlib
+
 extension QCOW2Image {
     /// Changes the virtual size. Growing may move the L1 table; shrinking needs `allowShrink`
     /// and frees every cluster past the new end.
@@ -103,6 +105,39 @@ extension QCOW2Image {
             try pwrite(bytes + [UInt8](repeating: 0, count: max(0, header.serialize().count - bytes.count)), at: 0)
             try flush()
             header = updated
+        }
+    }
+}
+
+extension QCOW2Image {
+    /// Writes one whole guest cluster compressed (raw deflate), as `qemu-img convert -c` does.
+    /// Data that does not shrink is written normally. `offset` must be cluster aligned and
+    /// `data` exactly one cluster.
+    public func writeCompressed(_ data: [UInt8], at offset: UInt64) throws {
+        guard !isReadOnly else { throw DiskError("\(path) is open read-only") }
+        guard data.count == clusterSize, offset % UInt64(clusterSize) == 0 else {
+            throw DiskError("compressed writes must cover exactly one aligned \(clusterSize)-byte cluster")
+        }
+        try checkRange(self, offset, UInt64(data.count))
+        var compressed = [UInt8](repeating: 0, count: clusterSize)
+        let size = data.withUnsafeBufferPointer { src in
+            compressed.withUnsafeMutableBufferPointer { dst in
+                // SAFETY: both buffers are live arrays and their exact lengths are passed.
+                nimbus_deflate_raw(src.baseAddress, src.count, dst.baseAddress, dst.count - 512)
+            }
+        }
+        guard size > 0 else { return try write(data, at: offset) }
+        try lock.withLock { _ in
+            let cluster = offset / UInt64(clusterSize)
+            let (l2Offset, index) = try writableL2(forCluster: cluster)
+            let old = classify(try l2Table(at: l2Offset)[index])
+            let host = try allocateClusters(1)
+            let x = UInt64(62 - (clusterBits - 8))
+            guard host < 1 << x else { throw DiskError("\(path): compressed cluster offset \(host) does not fit the L2 entry") }
+            let sectors = UInt64((size + 511) / 512 - 1)
+            try pwrite(Array(compressed[0..<size]), at: host)
+            try setL2Entry(l2Offset, index, Self.compressedFlag | (sectors << x) | host)
+            try release(old)
         }
     }
 }
