@@ -52,7 +52,7 @@ extension Disk {
                     while at < extent.start + extent.length {
                         let n = Int(min(chunk, extent.start + extent.length - at))
                         let bytes = try src.read(at: at, count: n)
-                        if bytes.contains(where: { $0 != 0 }) { try dst.write(bytes, at: at) }
+                        if !Disk.isAllZeroBytes(bytes) { try dst.write(bytes, at: at) }
                         at += UInt64(n)
                         done += UInt64(n)
                         progress.update(done, of: size)
@@ -64,6 +64,16 @@ extension Disk {
         }
     }
 
+    /// Whether every byte is zero, checked a word at a time.
+    static func isAllZeroBytes(_ bytes: [UInt8]) -> Bool {
+        bytes.withUnsafeBytes { raw in
+            let words = raw.count / 8
+            for i in 0..<words where raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }
+            for i in (words * 8)..<raw.count where raw[i] != 0 { return false }
+            return true
+        }
+    }
+
     /// Copies `src` into `dst` one cluster at a time, compressing every non-zero cluster.
     static func convertCompressed(from src: any DiskImage, to dst: QCOW2Image, progress: inout Progress) throws {
         let cs = UInt64(dst.currentHeader.clusterSize)
@@ -72,7 +82,7 @@ extension Disk {
         while at < size {
             let n = Int(min(cs, size - at))
             var bytes = try src.read(at: at, count: n)
-            if bytes.contains(where: { $0 != 0 }) {
+            if !isAllZeroBytes(bytes) {
                 if n < Int(cs) {
                     try dst.write(bytes, at: at)
                 } else {

@@ -200,21 +200,58 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         try checkRange(self, offset, UInt64(count))
         return try lock.withLock { _ in
             var out = [UInt8](repeating: 0, count: count)
+            // Runs of clusters stored contiguously in the file are read with one pread straight
+            // into the result.
+            var run: (host: UInt64, bufferOffset: Int, count: Int)?
+            func flushRun() throws {
+                guard let r = run else { return }
+                run = nil
+                try readHost(into: &out, bufferOffset: r.bufferOffset, count: r.count, at: r.host)
+            }
             for p in pieces(offset: offset, count: count, clusterSize: clusterSize) {
+                let mapping = classify(try l2Entry(forCluster: p.cluster))
+                if case .data(let host, _) = mapping {
+                    let at = host + UInt64(p.offsetInCluster)
+                    if let r = run, r.host + UInt64(r.count) == at {
+                        run = (r.host, r.bufferOffset, r.count + p.count)
+                    } else {
+                        try flushRun()
+                        run = (at, p.bufferOffset, p.count)
+                    }
+                    continue
+                }
+                try flushRun()
                 let bytes: [UInt8]
-                switch classify(try l2Entry(forCluster: p.cluster)) {
-                case .zero: continue
+                switch mapping {
+                case .zero, .data: continue
                 case .unallocated:
                     if backing == nil { continue }
                     bytes = try backingBytes(at: offset + UInt64(p.bufferOffset), count: p.count)
-                case .data(let host, _):
-                    bytes = try pread(p.count, at: host + UInt64(p.offsetInCluster))
                 case .compressed(let host, let size):
                     bytes = Array(try decompress(host: host, size: size)[p.offsetInCluster..<p.offsetInCluster + p.count])
                 }
                 out.replaceSubrange(p.bufferOffset..<p.bufferOffset + p.count, with: bytes)
             }
+            try flushRun()
             return out
+        }
+    }
+
+    /// Reads `count` bytes at host `offset` into `out[bufferOffset...]`; past the end of the
+    /// file reads as zeros (the buffer is already zeroed).
+    func readHost(into out: inout [UInt8], bufferOffset: Int, count: Int, at offset: UInt64) throws {
+        let available = fileEnd > offset ? Int(min(UInt64(count), fileEnd - offset)) : 0
+        guard available > 0 else { return }
+        var failure: (any Error)?
+        out.withUnsafeMutableBytes { buffer in
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[bufferOffset..<bufferOffset + available])
+            do { try file.readFully(into: slice, at: Int(offset)) } catch { failure = error }
+        }
+        if let failure {
+            // A short file (data past EOF) reads as zeros, as the slow path does.
+            let bytes = try pread(available, at: offset)
+            out.replaceSubrange(bufferOffset..<bufferOffset + available, with: bytes)
+            _ = failure
         }
     }
 
