@@ -35,7 +35,7 @@ extension QCOW2Image {
                 try pwrite(w.bytes, at: 36)
                 try flush()
                 l1 = table
-                if oldOffset != 0 { for k in 0..<oldClusters { try changeRefcount(cluster: oldOffset / cs + k, by: -1) } }
+                if oldOffset != 0 { try releaseClusters(at: oldOffset, count: oldClusters) }
             }
             header.size = newSize
             var w = BigEndianWriter(size: 8)

@@ -80,6 +80,12 @@ extension QCOW2Image {
         }
     }
 
+    /// Drops one reference from each of `count` clusters starting at host offset `offset`.
+    func releaseClusters(at offset: UInt64, count: UInt64) throws {
+        let first = offset / UInt64(clusterSize)
+        for k in 0..<count { try changeRefcount(cluster: first + k, by: -1) }
+    }
+
     /// Makes sure a refcount block describes `cluster`. Returns the cluster a new block took, if any.
     func ensureRefcountBlock(for cluster: UInt64) throws -> UInt64? {
         let tableIndex = Int(cluster / UInt64(refsPerBlock))
@@ -203,7 +209,7 @@ extension QCOW2Image {
             try flush()
             refcountTable = table
             fileEnd = max(fileEnd, end * cs)
-            for k in 0..<oldClusters { try changeRefcount(cluster: oldOffset / cs + k, by: -1) }
+            try releaseClusters(at: oldOffset, count: oldClusters)
             return
         }
     }

@@ -141,7 +141,7 @@ extension QCOW2Image {
         w.put(header.snapshotsOffset, at: 4)
         try pwrite(w.bytes, at: 60)
         try flush()
-        if !old.isEmpty { for k in 0..<oldClusters { try changeRefcount(cluster: oldOffset / cs + k, by: -1) } }
+        if !old.isEmpty { try releaseClusters(at: oldOffset, count: oldClusters) }
     }
 
     func findSnapshot(_ nameOrID: String, in list: [QCOW2Snapshot]) throws -> Int {
@@ -216,7 +216,7 @@ extension QCOW2Image {
             try adjustRefcounts(l1Table: table, by: -1)
             let cs = UInt64(clusterSize)
             let clusters = max(1, (UInt64(snapshot.l1Size) * 8 + cs - 1) / cs)
-            for k in 0..<clusters { try changeRefcount(cluster: snapshot.l1TableOffset / cs + k, by: -1) }
+            try releaseClusters(at: snapshot.l1TableOffset, count: clusters)
             try updateCopiedFlags()
         }
     }
