@@ -29,19 +29,12 @@ extension QCOW2Image {
                 let oldClusters = (UInt64(l1.count) * 8 + cs - 1) / cs
                 header.l1Size = UInt32(needed)
                 header.l1TableOffset = offset
-                var w = BigEndianWriter(size: 12)
-                w.put(header.l1Size, at: 0)
-                w.put(header.l1TableOffset, at: 4)
-                try pwrite(w.bytes, at: 36)
-                try flush()
+                try writeHeaderFields(36..<48)
                 l1 = table
                 if oldOffset != 0 { try releaseClusters(at: oldOffset, count: oldClusters) }
             }
             header.size = newSize
-            var w = BigEndianWriter(size: 8)
-            w.put(newSize, at: 0)
-            try pwrite(w.bytes, at: 24)
-            try flush()
+            try writeHeaderFields(24..<32)
         }
     }
 

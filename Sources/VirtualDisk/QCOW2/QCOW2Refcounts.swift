@@ -80,6 +80,13 @@ extension QCOW2Image {
         }
     }
 
+    /// Writes bytes `range` of the in-memory header to the file in one write, then flushes: the
+    /// switch-over point of every metadata change that moves a table.
+    func writeHeaderFields(_ range: Range<Int>) throws {
+        try pwrite(Array(header.serialize()[range]), at: UInt64(range.lowerBound))
+        try flush()
+    }
+
     /// Drops one reference from each of `count` clusters starting at host offset `offset`.
     func releaseClusters(at offset: UInt64, count: UInt64) throws {
         let first = offset / UInt64(clusterSize)
@@ -202,11 +209,7 @@ extension QCOW2Image {
             let oldClusters = UInt64(header.refcountTableClusters)
             header.refcountTableOffset = first * cs
             header.refcountTableClusters = UInt32(tableClusters)
-            var w = BigEndianWriter(size: 12)
-            w.put(header.refcountTableOffset, at: 0)
-            w.put(header.refcountTableClusters, at: 8)
-            try pwrite(w.bytes, at: 48)
-            try flush()
+            try writeHeaderFields(48..<60)
             refcountTable = table
             fileEnd = max(fileEnd, end * cs)
             try releaseClusters(at: oldOffset, count: oldClusters)

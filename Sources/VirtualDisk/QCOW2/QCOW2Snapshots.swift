@@ -136,11 +136,7 @@ extension QCOW2Image {
         try flush()
         header.snapshotCount = UInt32(snapshots.count)
         header.snapshotsOffset = newOffset
-        var w = BigEndianWriter(size: 12)
-        w.put(header.snapshotCount, at: 0)
-        w.put(header.snapshotsOffset, at: 4)
-        try pwrite(w.bytes, at: 60)
-        try flush()
+        try writeHeaderFields(60..<72)
         if !old.isEmpty { try releaseClusters(at: oldOffset, count: oldClusters) }
     }
 
@@ -197,9 +193,7 @@ extension QCOW2Image {
                 let size = try BigEndianReader(bytes: snapshot.extraData).u64(8)
                 if size != header.size {
                     header.size = size
-                    var w = BigEndianWriter(size: 8)
-                    w.put(size, at: 0)
-                    try pwrite(w.bytes, at: 24)
+                    try writeHeaderFields(24..<32)
                 }
             }
         }
