@@ -2,6 +2,7 @@
 // clients at once: fixed-newstyle negotiation (EXPORT_NAME, LIST, INFO, GO, STRUCTURED_REPLY,
 // LIST/SET_META_CONTEXT with base:allocation), and READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
 // BLOCK_STATUS, CACHE and DISC.
+import LinuxSystem
 import Logging
 import NIOCore
 import NIOPosix
@@ -330,7 +331,7 @@ public final class NBDServer: Sendable {
     public func shutdown() throws {
         try? channel.close().wait()
         try? group.syncShutdownGracefully()
-        if let unixPath { UnixSocketCleanup.remove(unixPath) }
+        if let unixPath { UnixSocketPath.remove(unixPath) }
         try export.image.flush()
     }
 }

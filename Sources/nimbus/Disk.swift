@@ -29,6 +29,22 @@ func parseSize(_ text: String) throws -> UInt64 {
     return UInt64(value * Double(scale))
 }
 
+/// Parses qemu-img style `-o key=value[,key=value]` options for a new qcow2 image.
+func parseCreateOptions(_ items: [String]) throws -> QCOW2Image.CreateOptions {
+    var options = QCOW2Image.CreateOptions()
+    for item in items.flatMap({ $0.split(separator: ",") }) {
+        let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
+        guard kv.count == 2 else { throw ValidationError("option \"\(item)\" must be key=value") }
+        switch kv[0] {
+        case "cluster_size": options.clusterSize = Int(try parseSize(kv[1]))
+        case "compat": options.version = kv[1] == "0.10" ? 2 : 3
+        case "refcount_bits": options.refcountBits = Int(kv[1]) ?? 0
+        default: throw ValidationError("unknown option \"\(kv[0])\" (cluster_size, compat, refcount_bits)")
+        }
+    }
+    return options
+}
+
 func parseFormat(_ text: String?) throws -> DiskFormat? {
     guard let text else { return nil }
     guard let f = DiskFormat(rawValue: text) else { throw ValidationError("unknown format \"\(text)\": use raw or qcow2") }
@@ -83,17 +99,7 @@ extension Disk {
         func run() throws {
             try reportingErrors {
                 guard let format = try parseFormat(f) else { return }
-                var options = QCOW2Image.CreateOptions()
-                for item in o.flatMap({ $0.split(separator: ",") }) {
-                    let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
-                    guard kv.count == 2 else { throw ValidationError("option \"\(item)\" must be key=value") }
-                    switch kv[0] {
-                    case "cluster_size": options.clusterSize = Int(try parseSize(kv[1]))
-                    case "compat": options.version = kv[1] == "0.10" ? 2 : 3
-                    case "refcount_bits": options.refcountBits = Int(kv[1]) ?? 0
-                    default: throw ValidationError("unknown option \"\(kv[0])\" (cluster_size, compat, refcount_bits)")
-                    }
-                }
+                var options = try parseCreateOptions(o)
                 var virtualSize = try size.map(parseSize)
                 if let b {
                     guard format == .qcow2 else { throw ValidationError("a backing file needs the qcow2 format") }

@@ -10,7 +10,7 @@ extension Disk {
             discussion: "Zero and unallocated ranges stay unallocated in the target. -p shows progress.")
         @Option(name: .short, help: "Source format (probed when absent).") var f: String?
         @Option(name: .customShort("O"), help: "Target format: qcow2 or raw.") var outputFormat = "raw"
-        @Option(name: .short, help: "Target options: cluster_size=N, compat=0.10|1.1.") var o: [String] = []
+        @Option(name: .short, help: "Target options: cluster_size=N, compat=0.10|1.1, refcount_bits=N.") var o: [String] = []
         @Flag(name: .short, help: "Show a progress line.") var p = false
         @Flag(name: .short, help: "Compress the target's clusters (qcow2 only).") var c = false
         @Flag(help: "fsync the target before exiting (qemu-img's default cache mode, unsafe, does not).") var sync = false
@@ -25,12 +25,7 @@ extension Disk {
                 switch format {
                 case .raw: try RawImage.create(path: target, size: size)
                 case .qcow2:
-                    var options = QCOW2Image.CreateOptions()
-                    for item in o.flatMap({ $0.split(separator: ",") }) {
-                        let kv = item.split(separator: "=", maxSplits: 1).map(String.init)
-                        if kv.count == 2 && kv[0] == "cluster_size" { options.clusterSize = Int(try parseSize(kv[1])) }
-                        if kv.count == 2 && kv[0] == "compat" { options.version = kv[1] == "0.10" ? 2 : 3 }
-                    }
+                    let options = try parseCreateOptions(o)
                     try QCOW2Image.create(path: target, size: size, options: options)
                 }
                 var progress = Progress(enabled: p)

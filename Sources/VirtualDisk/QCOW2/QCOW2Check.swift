@@ -47,8 +47,7 @@ extension QCOW2Image {
     func checkLocked(repair: RepairMode) throws -> CheckResult {
         var result = CheckResult()
         let cs = UInt64(clusterSize)
-        let clusterCount = max(fileEnd / cs, UInt64(refcountTable.count) * UInt64(refsPerBlock) > 0 ? fileEnd / cs : 0)
-        var computed = [UInt64](repeating: 0, count: Int(clusterCount))
+        var computed = [UInt64](repeating: 0, count: Int(fileEnd / cs))
         func reference(_ offset: UInt64, _ what: String, clusters: UInt64 = 1) {
             guard offset % cs == 0 || what == "compressed" else {
                 result.messages.append("ERROR \(what) at offset \(offset) is not cluster aligned")
@@ -119,7 +118,7 @@ extension QCOW2Image {
 
         // Compare with the stored refcounts.
         let covered = UInt64(refcountTable.count) * UInt64(refsPerBlock)
-        for c in 0..<UInt64(max(UInt64(computed.count), 0)) {
+        for c in 0..<UInt64(computed.count) {
             let stored = c < covered ? try refcount(cluster: c) : 0
             let wanted = computed[Int(c)]
             if stored != 0 || wanted != 0 { result.allocatedClusters += 1 }

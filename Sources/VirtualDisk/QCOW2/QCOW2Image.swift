@@ -237,21 +237,22 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         }
     }
 
-    /// Reads `count` bytes at host `offset` into `out[bufferOffset...]`; past the end of the
-    /// file reads as zeros (the buffer is already zeroed).
+    /// Reads `count` bytes at host `offset` into `out[bufferOffset...]`. Bytes past the end of
+    /// the file stay zero (the buffer is already zeroed).
     func readHost(into out: inout [UInt8], bufferOffset: Int, count: Int, at offset: UInt64) throws {
         let available = fileEnd > offset ? Int(min(UInt64(count), fileEnd - offset)) : 0
         guard available > 0 else { return }
-        var failure: (any Error)?
+        var failure: SystemError?
         out.withUnsafeMutableBytes { buffer in
             let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[bufferOffset..<bufferOffset + available])
-            do { try file.readFully(into: slice, at: Int(offset)) } catch { failure = error }
+            // SAFETY: the slice lies inside `out`, which outlives the call.
+            do throws(SystemError) { try file.readFully(into: slice, at: Int(offset)) } catch { failure = error }
         }
-        if let failure {
-            // A short file (data past EOF) reads as zeros, as the slow path does.
+        // fileEnd is rounded up to a cluster, so a short last cluster ends the read early: the
+        // zero-filling read covers exactly that case.
+        if failure != nil {
             let bytes = try pread(available, at: offset)
             out.replaceSubrange(bufferOffset..<bufferOffset + available, with: bytes)
-            _ = failure
         }
     }
 
