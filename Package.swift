@@ -46,11 +46,16 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: strict),
+        // Layer 2: virtio-mmio transport, split virtqueues, and the block, net, vsock and rng devices.
+        .target(
+            name: "Virtio",
+            dependencies: ["GuestMemory", "Devices", "LinuxSystem", "VirtualDisk", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
         // Layer 3: boot loader, ACPI, CPUID, vCPU threads, the Firecracker-compatible API.
         .target(
             name: "VMM",
             dependencies: [
-                "KVM", "GuestMemory", "Devices", "LinuxSystem",
+                "KVM", "GuestMemory", "Devices", "LinuxSystem", "Virtio", "VirtualDisk",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -76,7 +81,10 @@ let package = Package(
             name: "VirtualDiskTests", dependencies: ["VirtualDisk", "NBD", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strict),
         .testTarget(
-            name: "VMMTests", dependencies: ["VMM", "Devices", "GuestMemory", "KVM", "LinuxSystem"],
+            name: "VMMTests", dependencies: ["VMM", "Devices", "GuestMemory", "KVM", "LinuxSystem", "Virtio", "VirtualDisk"],
+            swiftSettings: strict),
+        .testTarget(
+            name: "VirtioTests", dependencies: ["Virtio", "GuestMemory", "Devices", "LinuxSystem", "VirtualDisk"],
             swiftSettings: strict),
         .testTarget(
             name: "KVMIntegrationTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxSystem"],

@@ -16,6 +16,8 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         _ = try? BootSource(json: json)
         _ = try? DriveConfig(json: json)
         _ = try? NetworkInterfaceConfig(json: json)
+        _ = try? VsockConfig(json: json)
+        _ = try? EntropyConfig(json: json)
         _ = json.serialized()
     }
     return 0

@@ -138,4 +138,19 @@ public final class GuestMemory: Sendable {
         // SAFETY: the range was checked above and the mapping outlives the call.
         return try body(UnsafeMutableRawBufferPointer(start: mapping.base.advanced(by: offset), count: length))
     }
+
+    /// Calls `body` with host buffers for each guest range (each checked), for vectored I/O.
+    /// The buffers must not escape `body`.
+    public func withHostBuffers<R>(
+        _ ranges: [(address: UInt64, length: Int)], _ body: ([UnsafeMutableRawBufferPointer]) throws -> R
+    ) throws -> R {
+        var buffers: [UnsafeMutableRawBufferPointer] = []
+        buffers.reserveCapacity(ranges.count)
+        for range in ranges {
+            let offset = try hostOffset(for: range.address, length: UInt64(range.length))
+            // SAFETY: the range was checked above and the mapping outlives the call.
+            buffers.append(UnsafeMutableRawBufferPointer(start: mapping.base.advanced(by: offset), count: range.length))
+        }
+        return try body(buffers)
+    }
 }

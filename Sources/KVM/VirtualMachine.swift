@@ -58,12 +58,17 @@ public final class VirtualMachine: Sendable {
         _ = try kvmIoctl(fd.rawValue, "KVM_IRQFD", NIMBUS_KVM_IRQFD, &request)
     }
 
-    /// Makes guest writes of `length` bytes to MMIO `address` signal `eventfd` instead of exiting.
-    public func registerIOEventFD(_ eventfd: EventFD, mmioAddress address: UInt64, length: UInt32) throws(KVMError) {
+    /// Makes guest writes of `length` bytes to MMIO `address` (of the value `datamatch`, when
+    /// given) signal `eventfd` instead of exiting.
+    public func registerIOEventFD(_ eventfd: EventFD, mmioAddress address: UInt64, length: UInt32, datamatch: UInt64? = nil) throws(KVMError) {
         var request = kvm_ioeventfd()
         request.addr = address
         request.len = length
         request.fd = eventfd.rawValue
+        if let datamatch {
+            request.datamatch = datamatch
+            request.flags = NIMBUS_KVM_IOEVENTFD_FLAG_DATAMATCH
+        }
         _ = try kvmIoctl(fd.rawValue, "KVM_IOEVENTFD", NIMBUS_KVM_IOEVENTFD, &request)
     }
 

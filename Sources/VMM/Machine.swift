@@ -9,6 +9,8 @@ import KVM
 import LinuxSystem
 import Logging
 import Synchronization
+import Virtio
+import VirtualDisk
 
 /// How a VM ended.
 public enum MachineExit: Sendable, Equatable {
@@ -60,6 +62,7 @@ public final class Machine: Sendable {
     let mmioBus = Bus()
     let serial: Serial16550
     let i8042: I8042
+    let virtio: VirtioSet
     let logger: Logger
 
     struct Control {
@@ -117,7 +120,7 @@ public final class Machine: Sendable {
             }
             try kernelFile.load(segment.fileRange, into: memory, at: segment.guestAddress)
         }
-        let commandLine = Array((boot.bootArgs ?? BootSource.defaultBootArgs).utf8)
+        let commandLine = Array(VirtioSet.commandLine(boot.bootArgs ?? BootSource.defaultBootArgs, config: config).utf8)
         guard commandLine.count < Layout.commandLineMax else {
             throw ConfigError("boot-source: `boot_args` is \(commandLine.count) bytes, the limit is \(Layout.commandLineMax - 1)")
         }
@@ -143,7 +146,8 @@ public final class Machine: Sendable {
 
         // Boot structures.
         let e820 = BootParams.e820(ranges: ranges)
-        let acpi = ACPITables.build(vcpuCount: machineConfig.vcpuCount, devices: [])
+        let slots = (0..<min(config.virtioDeviceCount, VirtioSet.maxDevices)).map(VirtioSet.description(slot:))
+        let acpi = ACPITables.build(vcpuCount: machineConfig.vcpuCount, devices: slots)
         for block in acpi.blocks { try memory.write(block.bytes, at: block.address) }
         let gdt = BootParams.gdt(longMode: { if case .linux64 = kernel.entry { return true } else { return false } }())
         for (i, entry) in gdt.enumerated() { try memory.store(entry, at: Layout.gdtAddress + UInt64(i) * 8) }
@@ -190,6 +194,7 @@ public final class Machine: Sendable {
         try portBus.insert(serial, base: Layout.serialPort, length: 8)
         try portBus.insert(i8042, base: Layout.i8042Port, length: 5)
         try portBus.insert(ACPIPowerDevice(onRequest: requestHandler), base: Layout.acpiPowerPort, length: 2)
+        virtio = try VirtioSet.build(config: config, memory: memory, vm: vm, bus: mmioBus, logger: logger)
 
         // vCPUs.
         let supported = try kvm.supportedCPUID()
@@ -251,6 +256,7 @@ public final class Machine: Sendable {
                 let threads = control.state.withLock { $0.threads }
                 for t in threads { t.kick() }
                 for t in threads { t.join() }
+                virtio.shutdown(logger: logger)
                 return exit
             }
             _ = try? exitSignal.wait()
@@ -285,6 +291,16 @@ public final class Machine: Sendable {
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard controller.
     public func sendCtrlAltDel() { i8042.sendCtrlAltDel() }
+
+    /// Points a drive at a new image (`PATCH /drives/{id}`); the guest sees a configuration change.
+    public func replaceDrive(_ driveID: String, pathOnHost: String) throws {
+        guard let block = virtio.blocks[driveID] else { throw ConfigError("drive `\(driveID)` does not exist") }
+        let image: any DiskImage
+        do { image = try DiskOpener.open(pathOnHost, readOnly: block.isReadOnly) } catch {
+            throw ConfigError("drive `\(driveID)`: \(error)")
+        }
+        block.replaceImage(image)
+    }
 
     /// Queues console input for the guest's serial port.
     public func sendSerialInput(_ bytes: [UInt8]) { serial.enqueueInput(bytes) }

@@ -50,6 +50,42 @@ public protocol DiskImage: AnyObject, Sendable {
     func map(at offset: UInt64, length: UInt64) throws -> [Extent]
     /// Bytes the image file occupies on the host.
     func allocatedBytes() throws -> UInt64
+    /// Reads `buffer.count` bytes at `offset` straight into `buffer` (a VMM's guest memory).
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+    /// Writes `buffer` at `offset`.
+    func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// Reads consecutive bytes at `offset` into `buffers` in order (a guest's scatter list).
+    func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws
+    /// Writes `buffers` in order as consecutive bytes at `offset`.
+    func write(from buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws
+}
+
+extension DiskImage {
+    /// The generic path, through an intermediate array; formats with a direct path override it.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        let bytes = try read(at: offset, count: buffer.count)
+        buffer.copyBytes(from: bytes)
+    }
+
+    public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try write(Array(buffer), at: offset)
+    }
+
+    public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws {
+        var at = offset
+        for b in buffers {
+            try read(into: b, at: at)
+            at += UInt64(b.count)
+        }
+    }
+
+    public func write(from buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws {
+        var at = offset
+        for b in buffers {
+            try write(from: b, at: at)
+            at += UInt64(b.count)
+        }
+    }
 }
 
 /// The byte range of a request that falls in one cluster.

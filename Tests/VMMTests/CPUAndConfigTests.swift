@@ -74,6 +74,27 @@ import Testing
         #expect(c.networkInterfaces.first?.hostDevName == "tap0")
     }
 
+    @Test func virtioSectionsAndRootDrive() throws {
+        let c = try parse(
+            """
+            {"boot-source": {"kernel_image_path": "/k"},
+             "drives": [{"drive_id": "data", "path_on_host": "/data.raw"},
+                        {"drive_id": "rootfs", "path_on_host": "/root.qcow2", "is_root_device": true, "is_read_only": true}],
+             "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}, "entropy": {}}
+            """)
+        #expect(c.vsock == (try VsockConfig(json: .object(["guest_cid": .integer(3), "uds_path": .string("/tmp/v.sock")]))))
+        #expect(c.entropy != nil && c.virtioDeviceCount == 4)
+        #expect(VirtioSet.orderedDrives(c).map(\.driveID) == ["rootfs", "data"])
+        #expect(VirtioSet.commandLine("console=ttyS0", config: c) == "console=ttyS0 root=/dev/vda ro")
+        #expect(VirtioSet.commandLine("console=ttyS0 root=/dev/sda", config: c) == "console=ttyS0 root=/dev/sda")
+        #expect(VirtioSet.description(slot: 2) == VirtioMMIODescription(base: 0xd000_2000, gsi: 7))
+        // The DSDT gets one LNRO0005 device per slot.
+        let dsdt = ACPITables.dsdt(devices: (0..<4).map(VirtioSet.description(slot:)))
+        #expect(dsdt.count > 0 && String(decoding: dsdt, as: UTF8.self).components(separatedBy: "LNRO0005").count - 1 == 4)
+        let reparsed = try VMConfig(fileContents: Array(c.json.serialized().utf8))
+        #expect(reparsed == c)
+    }
+
     @Test func oldHTEnabledNameIsAccepted() throws {
         let c = try parse(#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 2, "mem_size_mib": 64, "ht_enabled": true}}"#)
         #expect(c.machine.smt)
@@ -89,7 +110,10 @@ import Testing
         (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 0}}"#, "at least 1"),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1.5, "mem_size_mib": 64}}"#, "must be an integer"),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1}}"#, "missing field `mem_size_mib`"),
-        (#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {}}"#, "not supported"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "balloon": {}}"#, "not supported"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {}}"#, "missing field `uds_path`"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "vsock": {"guest_cid": 1, "uds_path": "/v"}}"#, "between 3"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "entropy": {"rate_limiter": {}}}"#, "rate_limiter"),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [{"iface_id": "e", "host_dev_name": "t", "guest_mac": "zz"}]}"#, "not a MAC"),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "a b", "path_on_host": "/d"}]}"#, "drive_id"),
         (#"{"boot-source": "#, "malformed JSON"),

@@ -8,6 +8,7 @@ final class FakeMachine: RunningMachine {
     func pause() throws { events.withLock { $0.append("pause") } }
     func resume() { events.withLock { $0.append("resume") } }
     func sendCtrlAltDel() { events.withLock { $0.append("ctrl-alt-del") } }
+    func replaceDrive(_ driveID: String, pathOnHost: String) throws { events.withLock { $0.append("patch \(driveID) \(pathOnHost)") } }
 }
 
 final class FakeLauncher: MachineLauncher {
@@ -72,6 +73,24 @@ final class FakeLauncher: MachineLauncher {
         #expect(call(c, "PUT", "/actions", #"{"action_type": "SendCtrlAltDel"}"#).status == 204)
         #expect(launcher.machine.events.withLock { $0 } == ["pause", "resume", "ctrl-alt-del"])
         #expect(call(c, "PATCH", "/vm", #"{"state": "Sleeping"}"#).status == 400)
+    }
+
+    @Test func vsockEntropyAndDrivePatch() {
+        let launcher = FakeLauncher()
+        let c = VMMController(instanceID: "vm1", launcher: launcher)
+        #expect(call(c, "PUT", "/vsock", #"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#).status == 204)
+        #expect(fault(call(c, "PUT", "/vsock", #"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#)).contains("between 3"))
+        #expect(call(c, "PUT", "/entropy", "{}").status == 204)
+        #expect(c.config.vsock?.guestCID == 3 && c.config.entropy != nil)
+        _ = call(c, "PUT", "/drives/root", #"{"drive_id": "root", "path_on_host": "/a", "is_root_device": true}"#)
+        #expect(fault(call(c, "PATCH", "/drives/root", #"{"drive_id": "root", "path_on_host": "/b"}"#)).contains("before starting"))
+        _ = call(c, "PUT", "/boot-source", #"{"kernel_image_path": "/k"}"#)
+        _ = call(c, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        #expect(call(c, "PATCH", "/drives/root", #"{"drive_id": "root", "path_on_host": "/b"}"#).status == 204)
+        #expect(fault(call(c, "PATCH", "/drives/nope", #"{"drive_id": "nope", "path_on_host": "/b"}"#)).contains("does not exist"))
+        #expect(c.config.drives[0].pathOnHost == "/b")
+        #expect(launcher.machine.events.withLock { $0 } == ["patch root /b"])
+        #expect(call(c, "PUT", "/vsock", #"{"guest_cid": 4, "uds_path": "/tmp/v.sock"}"#).status == 400)
     }
 
     @Test func badRequestsGetFaultMessages() {

@@ -13,6 +13,8 @@
 #include <linux/if_tun.h>
 #include <asm/bootparam.h>
 #include <sys/eventfd.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
 
 // MARK: ioctl request codes (Swift cannot expand the macros).
 static const unsigned long NIMBUS_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
@@ -70,6 +72,29 @@ static const uint32_t NIMBUS_KVM_SYSTEM_EVENT_SHUTDOWN = KVM_SYSTEM_EVENT_SHUTDO
 static const uint32_t NIMBUS_KVM_SYSTEM_EVENT_RESET = KVM_SYSTEM_EVENT_RESET;
 static const uint32_t NIMBUS_KVM_PIT_SPEAKER_DUMMY = KVM_PIT_SPEAKER_DUMMY;
 static const uint32_t NIMBUS_KVM_IRQFD_FLAG_DEASSIGN = KVM_IRQFD_FLAG_DEASSIGN;
+static const uint32_t NIMBUS_KVM_IOEVENTFD_FLAG_DATAMATCH = KVM_IOEVENTFD_FLAG_DATAMATCH;
+
+// MARK: epoll.
+static const uint32_t NIMBUS_EPOLLIN = EPOLLIN;
+static const uint32_t NIMBUS_EPOLLOUT = EPOLLOUT;
+static const uint32_t NIMBUS_EPOLLRDHUP = EPOLLRDHUP;
+static const uint32_t NIMBUS_EPOLLHUP = EPOLLHUP;
+static const uint32_t NIMBUS_EPOLLERR = EPOLLERR;
+static const uint32_t NIMBUS_EPOLLET = EPOLLET;
+static const int NIMBUS_EPOLL_CTL_ADD = EPOLL_CTL_ADD;
+static const int NIMBUS_EPOLL_CTL_MOD = EPOLL_CTL_MOD;
+static const int NIMBUS_EPOLL_CTL_DEL = EPOLL_CTL_DEL;
+static const int NIMBUS_EPOLL_CLOEXEC = EPOLL_CLOEXEC;
+
+// MARK: TAP devices.
+static const short NIMBUS_IFF_TAP = IFF_TAP;
+static const short NIMBUS_IFF_NO_PI = IFF_NO_PI;
+static const short NIMBUS_IFF_VNET_HDR = IFF_VNET_HDR;
+static const unsigned int NIMBUS_TUN_F_CSUM = TUN_F_CSUM;
+static const unsigned int NIMBUS_TUN_F_TSO4 = TUN_F_TSO4;
+static const unsigned int NIMBUS_TUN_F_TSO6 = TUN_F_TSO6;
+static const unsigned int NIMBUS_TUN_F_TSO_ECN = TUN_F_TSO_ECN;
+static const unsigned int NIMBUS_TUN_F_UFO = TUN_F_UFO;
 
 #pragma clang assume_nonnull begin
 
@@ -116,6 +141,25 @@ void nimbus_keep_allocations_on_heap(int bytes);
 int64_t nimbus_seek_data_or_hole(int fd, int64_t offset, int data);
 /// Names the calling thread (at most 15 bytes are kept).
 void nimbus_set_thread_name(const char *name);
+
+/// TUNSETIFF on an open /dev/net/tun descriptor: attaches it to (or creates) interface `name`
+/// with `flags`. Returns 0 or -1 with errno (ENAMETOOLONG for names over IFNAMSIZ-1).
+int nimbus_tun_set_iff(int fd, const char *name, short flags);
+
+/// epoll_ctl with the 64-bit `token` as the event's data (struct epoll_event is packed, which
+/// Swift cannot lay out). Returns 0 or -1 with errno.
+int nimbus_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
+/// epoll_wait into parallel arrays of tokens and event masks. Returns the count or -1 with errno.
+int nimbus_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms);
+
+/// Creates a close-on-exec Unix stream socket and connects it to `path` (blocking connect, then
+/// the socket is made non-blocking when `nonblocking`). Returns the fd or -1 with errno.
+int nimbus_unix_connect(const char *path, int nonblocking);
+/// Creates a non-blocking, close-on-exec Unix stream socket listening on `path`. Returns the fd
+/// or -1 with errno.
+int nimbus_unix_listen(const char *path, int backlog);
+/// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC. Returns the fd or -1 with errno.
+int nimbus_accept_nonblocking(int fd);
 
 #pragma clang assume_nonnull end
 

@@ -8,6 +8,8 @@ public protocol RunningMachine: Sendable {
     func pause() throws
     func resume()
     func sendCtrlAltDel()
+    /// Points drive `driveID` at a new image file (`PATCH /drives/{id}`).
+    func replaceDrive(_ driveID: String, pathOnHost: String) throws
 }
 
 extension Machine: RunningMachine {}
@@ -112,6 +114,30 @@ public final class VMMController: Sendable {
             let drive = try DriveConfig(json: try parseBody(body))
             guard drive.driveID == parts[1] else { throw ConfigError("The id from the path does not match the id from the body.") }
             return try preBoot { c in try c.addDrive(drive) }
+        case ("PATCH", "drives", 2):
+            var r = try ObjectReader(try parseBody(body), context: "drive")
+            let id = try r.requiredString("drive_id")
+            let path = try r.string("path_on_host")
+            _ = r.value("rate_limiter")
+            try r.finish()
+            guard id == parts[1] else { throw ConfigError("The id from the path does not match the id from the body.") }
+            return try inner.withLock { s throws -> APIResponse in
+                guard let machine = s.machine else { throw ConfigError(Self.beforeStart) }
+                guard let index = s.config.drives.firstIndex(where: { $0.driveID == id }) else {
+                    throw ConfigError("drive `\(id)` does not exist")
+                }
+                if let path {
+                    try machine.replaceDrive(id, pathOnHost: path)
+                    s.config.drives[index].pathOnHost = path
+                }
+                return .noContent
+            }
+        case ("PUT", "vsock", 1):
+            let vsock = try VsockConfig(json: try parseBody(body))
+            return try preBoot { c in c.vsock = vsock }
+        case ("PUT", "entropy", 1):
+            let entropy = try EntropyConfig(json: try parseBody(body))
+            return try preBoot { c in c.entropy = entropy }
         case ("PUT", "network-interfaces", 2):
             let iface = try NetworkInterfaceConfig(json: try parseBody(body))
             guard iface.ifaceID == parts[1] else { throw ConfigError("The id from the path does not match the id from the body.") }

@@ -159,6 +159,50 @@ public struct NetworkInterfaceConfig: Sendable, Equatable {
     }
 }
 
+/// `vsock` (served by the virtio-vsock device).
+public struct VsockConfig: Sendable, Equatable {
+    public var guestCID: UInt64
+    public var udsPath: String
+    public var vsockID: String?
+
+    public init(json: JSONValue, context: String = "vsock") throws(ConfigError) {
+        var r = try ObjectReader(json, context: context)
+        let cid = try r.integer("guest_cid")
+        udsPath = try r.requiredString("uds_path")
+        vsockID = try r.string("vsock_id")
+        try r.finish()
+        guard let cid else { throw ConfigError("\(context): missing field `guest_cid`") }
+        guard cid >= 3, cid <= Int64(UInt32.max) else {
+            throw ConfigError("\(context): `guest_cid` must be between 3 and \(UInt32.max) (0-2 are reserved), not \(cid)")
+        }
+        guestCID = UInt64(cid)
+        guard !udsPath.isEmpty, udsPath.utf8.count < 100 else {
+            throw ConfigError("\(context): `uds_path` must be a path of 1 to 99 bytes (Unix socket paths are short)")
+        }
+    }
+
+    public var json: JSONValue {
+        var o: [String: JSONValue] = ["guest_cid": .integer(Int64(guestCID)), "uds_path": .string(udsPath)]
+        if let vsockID { o["vsock_id"] = .string(vsockID) }
+        return .object(o)
+    }
+}
+
+/// `entropy` (served by the virtio-rng device). Firecracker's only field is a rate limiter.
+public struct EntropyConfig: Sendable, Equatable {
+    public init() {}
+
+    public init(json: JSONValue, context: String = "entropy") throws(ConfigError) {
+        var r = try ObjectReader(json, context: context)
+        if let limiter = r.value("rate_limiter"), limiter != .null {
+            throw ConfigError("\(context): `rate_limiter` is not supported by nimbus-vmm yet")
+        }
+        try r.finish()
+    }
+
+    public var json: JSONValue { .object([:]) }
+}
+
 func validateID(_ id: String, field: String, context: String) throws(ConfigError) {
     guard !id.isEmpty, id.count <= 64, id.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_" || $0 == "-") }) else {
         throw ConfigError("\(context): `\(field)` \"\(id)\" must be 1 to 64 letters, digits, '_' or '-'")
@@ -171,11 +215,13 @@ public struct VMConfig: Sendable, Equatable {
     public var machine = MachineConfig()
     public var drives: [DriveConfig] = []
     public var networkInterfaces: [NetworkInterfaceConfig] = []
+    public var vsock: VsockConfig?
+    public var entropy: EntropyConfig?
 
     public init() {}
 
     /// Sections Firecracker has that nimbus-vmm does not implement (yet).
-    static let unsupportedSections = ["balloon", "vsock", "entropy", "mmds-config", "cpu-config", "logger", "metrics", "serial"]
+    static let unsupportedSections = ["balloon", "mmds-config", "cpu-config", "logger", "metrics", "serial"]
 
     /// Parses a Firecracker config file.
     public init(fileContents: [UInt8]) throws(ConfigError) {
@@ -192,6 +238,8 @@ public struct VMConfig: Sendable, Equatable {
             guard case .array(let list) = n else { throw ConfigError("config file: `network-interfaces` must be an array") }
             for (i, item) in list.enumerated() { try addNetworkInterface(NetworkInterfaceConfig(json: item, context: "network-interfaces[\(i)]")) }
         }
+        if let v = r.value("vsock"), v != .null { vsock = try VsockConfig(json: v) }
+        if let e = r.value("entropy"), e != .null { entropy = try EntropyConfig(json: e) }
         for section in Self.unsupportedSections where r.value(section) != nil {
             throw ConfigError("config file: section `\(section)` is not supported by nimbus-vmm yet")
         }
@@ -205,6 +253,9 @@ public struct VMConfig: Sendable, Equatable {
         }
         if let i = drives.firstIndex(where: { $0.driveID == drive.driveID }) { drives[i] = drive } else { drives.append(drive) }
     }
+
+    /// How many virtio-mmio slots the configuration needs.
+    public var virtioDeviceCount: Int { drives.count + networkInterfaces.count + (vsock == nil ? 0 : 1) + (entropy == nil ? 0 : 1) }
 
     /// Adds or replaces (same `iface_id`) a network interface.
     public mutating func addNetworkInterface(_ iface: NetworkInterfaceConfig) throws(ConfigError) {
@@ -225,6 +276,8 @@ public struct VMConfig: Sendable, Equatable {
             "network-interfaces": .array(networkInterfaces.map(\.json)),
         ]
         o["boot-source"] = bootSource?.json ?? .null
+        o["vsock"] = vsock?.json ?? .null
+        o["entropy"] = entropy?.json ?? .null
         return .object(o)
     }
 }

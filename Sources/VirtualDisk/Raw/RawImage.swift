@@ -35,6 +35,28 @@ public final class RawImage: DiskImage {
         do { return try file.readZeroFilled(count, at: Int(offset)) } catch { throw mapError("reading \(path)", error) }
     }
 
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try checkRange(self, offset, UInt64(buffer.count))
+        do { try file.readFully(into: buffer, at: Int(offset)) } catch { throw mapError("reading \(path)", error) }
+    }
+
+    public func write(from buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard !isReadOnly else { throw DiskError("\(path) is open read-only") }
+        try checkRange(self, offset, UInt64(buffer.count))
+        do { try file.writeFully(buffer, at: Int(offset)) } catch { throw mapError("writing \(path)", error) }
+    }
+
+    public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws {
+        try checkRange(self, offset, UInt64(buffers.reduce(0) { $0 + $1.count }))
+        do { try file.readFully(into: buffers, at: Int(offset)) } catch { throw mapError("reading \(path)", error) }
+    }
+
+    public func write(from buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws {
+        guard !isReadOnly else { throw DiskError("\(path) is open read-only") }
+        try checkRange(self, offset, UInt64(buffers.reduce(0) { $0 + $1.count }))
+        do { try file.writeFully(buffers, at: Int(offset)) } catch { throw mapError("writing \(path)", error) }
+    }
+
     public func write(_ data: [UInt8], at offset: UInt64) throws {
         guard !isReadOnly else { throw DiskError("\(path) is open read-only") }
         try checkRange(self, offset, UInt64(data.count))
