@@ -119,12 +119,13 @@ static int unix_address(const char *path, struct sockaddr_un *address) {
 int nimbus_unix_connect(const char *path, int nonblocking) {
     struct sockaddr_un address;
     if (unix_address(path, &address) != 0) return -1;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0) return -1;
+    // Unix stream connects complete at once or fail; a non-blocking one fails with EAGAIN when the
+    // listener's backlog is full instead of waiting for it to accept.
     int rc;
     do { rc = connect(fd, (struct sockaddr *)&address, sizeof address); } while (rc != 0 && errno == EINTR);
     if (rc != 0) { int saved = errno; close(fd); errno = saved; return -1; }
-    if (nonblocking) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     return fd;
 }
 

@@ -34,7 +34,7 @@ public struct GuestRegion: Sendable, Equatable {
 /// Guest-physical memory backed by one host mapping.
 public final class GuestMemory: Sendable {
     public let regions: [GuestRegion]
-    private let mapping: MappedRegion
+    @usableFromInline let mapping: MappedRegion
 
     /// Creates zeroed guest memory made of `ranges` (guest-physical start, size), which must be
     /// page aligned, non-empty, sorted and non-overlapping.
@@ -68,6 +68,9 @@ public final class GuestMemory: Sendable {
     }
 
     /// Returns the host offset for `[address, address+length)` if it lies wholly inside one region.
+    /// (Inlinable, like the accessors below, so that virtio's per-descriptor loads compile to a
+    /// few instructions instead of unspecialized generic calls across the module boundary.)
+    @inlinable
     public func hostOffset(for address: UInt64, length: UInt64) throws(GuestMemoryError) -> Int {
         for region in regions where address >= region.guestAddress && address < region.end {
             let (end, overflow) = address.addingReportingOverflow(length)
@@ -78,6 +81,7 @@ public final class GuestMemory: Sendable {
     }
 
     /// Whether `[address, address+length)` is guest RAM.
+    @inlinable
     public func contains(_ address: UInt64, length: UInt64) -> Bool {
         (try? hostOffset(for: address, length: length)) != nil
     }
@@ -114,6 +118,7 @@ public final class GuestMemory: Sendable {
     }
 
     /// Reads a little-endian integer.
+    @inlinable
     public func load<T: FixedWidthInteger>(_ type: T.Type = T.self, at address: UInt64) throws(GuestMemoryError) -> T {
         let size = MemoryLayout<T>.size
         let offset = try hostOffset(for: address, length: UInt64(size))
@@ -122,6 +127,7 @@ public final class GuestMemory: Sendable {
     }
 
     /// Writes a little-endian integer.
+    @inlinable
     public func store<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws(GuestMemoryError) {
         let size = MemoryLayout<T>.size
         let offset = try hostOffset(for: address, length: UInt64(size))

@@ -10,6 +10,10 @@ public final class Epoll: Sendable {
     public struct Event: Sendable {
         public let token: UInt64
         public let mask: UInt32
+        public init(token: UInt64, mask: UInt32) {
+            self.token = token
+            self.mask = mask
+        }
         public var readable: Bool { mask & NIMBUS_EPOLLIN != 0 }
         public var writable: Bool { mask & NIMBUS_EPOLLOUT != 0 }
         public var hangup: Bool { mask & (NIMBUS_EPOLLHUP | NIMBUS_EPOLLERR | NIMBUS_EPOLLRDHUP) != 0 }

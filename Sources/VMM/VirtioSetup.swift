@@ -54,7 +54,11 @@ struct VirtioSet: Sendable {
         }
         for iface in config.networkInterfaces {
             let mac = iface.guestMAC.map { $0.split(separator: ":").compactMap { UInt8($0, radix: 16) } }
-            backends.append(try VirtioNet(ifaceID: iface.ifaceID, tapName: iface.hostDevName, mac: mac, logger: logger))
+            let tap: TapBackend
+            do { tap = try TapBackend(name: iface.hostDevName) } catch {
+                throw ConfigError("network interface `\(iface.ifaceID)`: cannot open TAP device \(iface.hostDevName): \(error)")
+            }
+            backends.append(VirtioNet(ifaceID: iface.ifaceID, backend: tap, mac: mac, logger: logger))
         }
         if let vsock = config.vsock {
             backends.append(try VirtioVsock(guestCID: vsock.guestCID, udsPath: vsock.udsPath, logger: logger))

@@ -1,16 +1,58 @@
-// Virtio (layer 2): virtio-net on a TAP device, with the virtio-net header passed through so that
-// checksum and segmentation offloads work end to end.
+// Virtio (layer 2): virtio-net over a `NetworkBackend` (a TAP device today), with the virtio-net
+// header passed through so that checksum and segmentation offloads work end to end.
 //
-// TX: each chain (header + frame) is written to the TAP with one writev straight from guest
-// memory. RX: a frame is read from the TAP into a 64 KiB buffer, then spread over as many
-// receive chains as it needs (VIRTIO_NET_F_MRG_RXBUF). When the guest has no receive buffers
-// the TAP is not polled until the guest adds some.
+// TX: each chain (header + frame) is handed to the backend in one vectored write straight from
+// guest memory. RX: a frame is read from the backend into a 64 KiB buffer, then spread over as
+// many receive chains as it needs (VIRTIO_NET_F_MRG_RXBUF), all published at once. When the
+// guest has no receive buffers the backend is not polled until the guest adds some.
 import GuestMemory
 import LinuxSystem
 import Logging
 import Synchronization
 
-/// A virtio-net device attached to a TAP interface.
+/// Where a virtio-net device's frames go. Frames carry the 12-byte virtio-net header both ways.
+/// A TAP device is one backend; a port of a Nimbus switch in the same process is meant to be
+/// another (issue 5), with an eventfd as its readiness descriptor.
+public protocol NetworkBackend: AnyObject, Sendable {
+    /// What the backend is, for messages.
+    var name: String { get }
+    /// Polls readable while a frame is waiting to be received.
+    var readinessDescriptor: Int32 { get }
+    /// Sends one frame (header first), gathered from `buffers`.
+    func send(_ buffers: [UnsafeRawBufferPointer]) throws -> TransferResult
+    /// Receives one frame (header first) into `buffer`; `.wouldBlock` when none is waiting.
+    func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> TransferResult
+    /// The guest accepts partially checksummed frames and, with them, these segmentation offloads.
+    func guestAccepts(checksum: Bool, tso4: Bool, tso6: Bool) throws
+}
+
+/// A TAP interface opened with IFF_VNET_HDR.
+public final class TapBackend: NetworkBackend {
+    public let name: String
+    let tap: OwnedFileDescriptor
+
+    /// Opens TAP `name` (which must exist or be creatable by this process).
+    public init(name: String) throws {
+        self.name = "TAP \(name)"
+        tap = try TapDevice.open(name, vnetHeaderSize: Int32(VirtioNet.headerSize))
+    }
+
+    public var readinessDescriptor: Int32 { tap.rawValue }
+    public func send(_ buffers: [UnsafeRawBufferPointer]) throws -> TransferResult { try tap.writeVector(buffers) }
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> TransferResult { try tap.readSome(into: buffer) }
+
+    public func guestAccepts(checksum: Bool, tso4: Bool, tso6: Bool) throws {
+        var offloads: TapDevice.Offloads = []
+        if checksum {
+            offloads.insert(.checksum)
+            if tso4 { offloads.insert(.tso4) }
+            if tso6 { offloads.insert(.tso6) }
+        }
+        try TapDevice.setOffloads(tap, offloads)
+    }
+}
+
+/// A virtio-net device.
 public final class VirtioNet: VirtioBackend {
     enum Feature {
         static let checksum: UInt64 = 1 << 0
@@ -29,21 +71,16 @@ public final class VirtioNet: VirtioBackend {
     static let maxFrame = 65_562 + 12
 
     public let ifaceID: String
-    public let tapName: String
+    public let backend: any NetworkBackend
     public let mac: [UInt8]?
-    let tap: OwnedFileDescriptor
     private let worker = WorkerSlot()
     let logger: Logger
 
-    /// Opens TAP `tapName` (which must exist or be creatable by this process).
-    public init(ifaceID: String, tapName: String, mac: [UInt8]?, logger: Logger) throws {
+    public init(ifaceID: String, backend: any NetworkBackend, mac: [UInt8]?, logger: Logger) {
         self.ifaceID = ifaceID
-        self.tapName = tapName
+        self.backend = backend
         self.mac = mac
         self.logger = logger
-        do { tap = try TapDevice.open(tapName, vnetHeaderSize: Int32(Self.headerSize)) } catch {
-            throw VirtioError("network interface \(ifaceID): cannot open TAP device \(tapName): \(error)")
-        }
     }
 
     public var deviceID: UInt32 { 1 }
@@ -65,17 +102,12 @@ public final class VirtioNet: VirtioBackend {
     public func writeConfig(offset: Int, data: [UInt8]) {}
 
     public func activate(_ a: VirtioActivation) throws {
-        var offloads: TapDevice.Offloads = []
-        if a.features & Feature.guestChecksum != 0 {
-            offloads.insert(.checksum)
-            if a.features & Feature.guestTSO4 != 0 { offloads.insert(.tso4) }
-            if a.features & Feature.guestTSO6 != 0 { offloads.insert(.tso6) }
-        }
-        try TapDevice.setOffloads(tap, offloads)
-        let tap = self.tap
-        let logger = self.logger
-        try worker.start(name: "net-\(ifaceID)", activation: a, extra: [(tap.rawValue, Epoll.input, NetLoop.tapToken)]) { epoll in
-            NetLoop(tap: tap, activation: a, epoll: epoll, logger: logger)
+        try backend.guestAccepts(
+            checksum: a.features & Feature.guestChecksum != 0, tso4: a.features & Feature.guestTSO4 != 0,
+            tso6: a.features & Feature.guestTSO6 != 0)
+        let (backend, logger) = (self.backend, self.logger)
+        try worker.start(name: "net-\(ifaceID)", activation: a, extra: [(backend.readinessDescriptor, Epoll.input, NetLoop.backendToken)]) {
+            epoll in NetLoop(backend: backend, activation: a, epoll: epoll, logger: logger)
         }
     }
 
@@ -92,11 +124,11 @@ public struct VirtioError: Error, CustomStringConvertible, Sendable {
 final class NetLoop: DeviceLoop {
     static let rxToken: UInt64 = 0
     static let txToken: UInt64 = 1
-    static let tapToken: UInt64 = 2
+    static let backendToken: UInt64 = 2
     /// Frames moved per wake-up before interrupting the guest and looking at other work.
     static let batch = 64
 
-    let tap: OwnedFileDescriptor
+    let backend: any NetworkBackend
     let activation: VirtioActivation
     let epoll: Epoll
     let logger: Logger
@@ -105,11 +137,11 @@ final class NetLoop: DeviceLoop {
     let mergeable: Bool
     /// Length of the frame in `frame` that did not fit in the guest's buffers yet (0: none).
     var pendingLength = 0
-    var tapWatched = true
+    var backendWatched = true
     var frame: [UInt8]
 
-    init(tap: OwnedFileDescriptor, activation: VirtioActivation, epoll: Epoll, logger: Logger) {
-        self.tap = tap
+    init(backend: any NetworkBackend, activation: VirtioActivation, epoll: Epoll, logger: Logger) {
+        self.backend = backend
         self.activation = activation
         self.epoll = epoll
         self.logger = logger
@@ -135,49 +167,56 @@ final class NetLoop: DeviceLoop {
     /// Sends every frame the guest queued.
     func transmit() throws {
         let memory = activation.memory
-        let tap = self.tap
+        let backend = self.backend
         let logger = self.logger
         try tx.drain(interrupt: activation.interrupt) { chain in
             guard chain.readableLength > VirtioNet.headerSize, chain.readableLength <= VirtioNet.maxFrame else {
                 logger.debug("virtio-net: dropping a TX chain of \(chain.readableLength) bytes")
                 return 0
             }
-            let result = try memory.withHostBuffers(chain.readable.ranges) { buffers in
-                try tap.writeVector(buffers.map { UnsafeRawBufferPointer($0) })
+            let result: TransferResult
+            do {
+                result = try memory.withHostBuffers(chain.readable.ranges) { buffers in
+                    try backend.send(buffers.map { UnsafeRawBufferPointer($0) })
+                }
+            } catch let error as SystemError {
+                // The host refused this frame (EINVAL for a malformed GSO header, say): drop it.
+                logger.debug("virtio-net: \(backend.name) refused a frame: \(error)")
+                return 0
             }
-            if result == .wouldBlock { logger.debug("virtio-net: TAP is full; a frame was dropped") }
+            if result == .wouldBlock { logger.debug("virtio-net: \(backend.name) is full; a frame was dropped") }
             logger.trace("virtio-net: TX \(chain.readableLength) bytes in \(chain.readable.count) buffers: \(result)")
             return 0
         }
     }
 
-    /// Moves frames from the TAP into the guest's receive buffers.
+    /// Moves frames from the backend into the guest's receive buffers.
     func receive() throws {
         var delivered = 0
         while delivered < Self.batch {
             if pendingLength == 0 {
-                let result = try frame.withUnsafeMutableBytes { try tap.readSome(into: $0) }
+                let result = try frame.withUnsafeMutableBytes { try backend.receive(into: $0) }
                 guard case .done(let n) = result, n > 0 else { break }
                 pendingLength = n
             }
             if let exhaustedAt = try deliver() {
                 // No room: wait for the guest to add buffers (the rx notification) before reading more.
                 if try rx.enableNotifications(from: exhaustedAt) { continue }
-                setTapWatched(false)
+                setBackendWatched(false)
                 break
             }
             pendingLength = 0
             delivered += 1
         }
-        if pendingLength == 0 { setTapWatched(true) }
-        logger.trace("virtio-net: RX delivered \(delivered), pending \(pendingLength), watching TAP \(tapWatched)")
+        if pendingLength == 0 { setBackendWatched(true) }
+        logger.trace("virtio-net: RX delivered \(delivered), pending \(pendingLength), watching \(backend.name) \(backendWatched)")
         if delivered > 0, try rx.needsInterrupt() { activation.interrupt.signalUsedBuffers() }
     }
 
-    private func setTapWatched(_ on: Bool) {
-        guard on != tapWatched else { return }
-        tapWatched = on
-        try? epoll.modify(tap.rawValue, events: on ? Epoll.input : 0, token: Self.tapToken)
+    private func setBackendWatched(_ on: Bool) {
+        guard on != backendWatched else { return }
+        backendWatched = on
+        try? epoll.modify(backend.readinessDescriptor, events: on ? Epoll.input : 0, token: Self.backendToken)
     }
 
     /// Places the pending frame into receive chains. When the guest lacks the room, takes nothing
@@ -199,7 +238,8 @@ final class NetLoop: DeviceLoop {
         let memory = activation.memory
         if capacity < length || chains[0].writableLength < VirtioNet.headerSize {
             logger.debug("virtio-net: a \(length)-byte frame does not fit the guest's buffers; dropped")
-            for c in chains { try rx.addUsed(head: c.head, length: 0) }
+            for c in chains { try rx.putUsed(head: c.head, length: 0) }
+            try rx.publishUsed()
             return nil
         }
         if mergeable {
@@ -219,9 +259,12 @@ final class NetLoop: DeviceLoop {
                     }
                 }
             }
-            try rx.addUsed(head: chain.head, length: n)
+            try rx.putUsed(head: chain.head, length: n)
             done += n
         }
+        // All buffers of the frame at once: the driver reads num_buffers from the first and
+        // expects the rest to be there already.
+        try rx.publishUsed()
         return nil
     }
 }

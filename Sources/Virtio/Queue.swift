@@ -190,12 +190,23 @@ public struct Virtqueue: Sendable {
 
     /// Returns chain `head` to the driver with `length` bytes written into it.
     public mutating func addUsed(head: UInt16, length: Int) throws(QueueError) {
+        try putUsed(head: head, length: length)
+        try publishUsed()
+    }
+
+    /// Fills the next used-ring slot without showing it to the driver yet: chains that belong
+    /// together (one received frame spread over several buffers) must appear at once.
+    public mutating func putUsed(head: UInt16, length: Int) throws(QueueError) {
         let slot = usedRing + 4 + 8 * UInt64(nextUsed % size)
         do {
             try memory.store(UInt32(head), at: slot)
             try memory.store(UInt32(truncatingIfNeeded: length), at: slot + 4)
         } catch { throw QueueError("used ring: \(error)") }
         nextUsed &+= 1
+    }
+
+    /// Shows every slot filled so far to the driver (stores the used index).
+    public mutating func publishUsed() throws(QueueError) {
         atomicMemoryFence(ordering: .releasing)
         try store16(nextUsed, usedRing + 2)
     }

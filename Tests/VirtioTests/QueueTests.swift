@@ -60,6 +60,21 @@ import Testing
         #expect(try q.needsInterrupt() == false)
     }
 
+    @Test func usedEntriesOfOneFrameAppearTogether() throws {
+        try put(0, 0x8000, 64, 2, 0)
+        try put(1, 0x9000, 64, 2, 0)
+        try offer([0, 1])
+        var q = try queue()
+        _ = try q.pop()
+        _ = try q.pop()
+        try q.putUsed(head: 0, length: 64)
+        try q.putUsed(head: 1, length: 10)
+        #expect(try memory.load(UInt16.self, at: used + 2) == 0)
+        try q.publishUsed()
+        #expect(try memory.load(UInt16.self, at: used + 2) == 2)
+        #expect(try memory.load(UInt32.self, at: used + 12) == 1 && memory.load(UInt32.self, at: used + 16) == 10)
+    }
+
     @Test func indirectTables() throws {
         let table: UInt64 = 0x6000
         try put(0, 0x8000, 16, 1, 1, table: table)

@@ -152,8 +152,9 @@ int nimbus_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
 /// epoll_wait into parallel arrays of tokens and event masks. Returns the count or -1 with errno.
 int nimbus_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms);
 
-/// Creates a close-on-exec Unix stream socket and connects it to `path` (blocking connect, then
-/// the socket is made non-blocking when `nonblocking`). Returns the fd or -1 with errno.
+/// Creates a close-on-exec Unix stream socket (non-blocking when `nonblocking`, which makes a
+/// full backlog fail with EAGAIN instead of waiting) and connects it to `path`. Returns the fd or
+/// -1 with errno.
 int nimbus_unix_connect(const char *path, int nonblocking);
 /// Creates a non-blocking, close-on-exec Unix stream socket listening on `path`. Returns the fd
 /// or -1 with errno.
