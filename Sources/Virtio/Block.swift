@@ -34,8 +34,10 @@ public final class VirtioBlock: VirtioBackend {
         static let unsupported: UInt8 = 2
     }
     public static let queueSize: UInt16 = 256
-    /// Largest request accepted (bytes of data), as advertised through seg_max × size_max.
+    /// Largest segment, as advertised through size_max.
     static let maxSegmentBytes = 1 << 20
+    /// Most discard or write-zeroes ranges in one request (the driver is told 1).
+    static let maxRangeSegments = 256
 
     public let driveID: String
     public let isReadOnly: Bool
@@ -161,7 +163,10 @@ public final class VirtioBlock: VirtioBackend {
             return (Status.ok, n)
         case RequestType.discard, RequestType.writeZeroes:
             guard !isReadOnly else { return (Status.ioError, 0) }
-            guard dataIn.totalLength >= 16, dataIn.totalLength % 16 == 0 else { return (Status.ioError, 0) }
+            // At most `maxRangeSegments` ranges: a hostile length must not make the host allocate.
+            guard dataIn.totalLength >= 16, dataIn.totalLength % 16 == 0, dataIn.totalLength <= 16 * Self.maxRangeSegments else {
+                return (Status.ioError, 0)
+            }
             let segments = try memory.gather(dataIn, count: dataIn.totalLength)
             for s in stride(from: 0, to: segments.count, by: 16) {
                 let start = segments.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: s, as: UInt64.self) }.littleEndian

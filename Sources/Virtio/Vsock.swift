@@ -372,13 +372,14 @@ final class VsockLoop: DeviceLoop {
             c.readable = true
         case VsockHeader.Op.readWrite:
             guard c.state == .established, payloadLength > 0 else { return }
-            let bytes = try memory.gather(payload, from: VsockHeader.size, count: payloadLength)
-            guard c.outbound.count + bytes.count <= Int(Self.bufferAllocation) else {
+            // Checked before copying anything: the guest cannot make the host buffer more than the
+            // credit it was given.
+            guard payloadLength <= Self.maxPayload, c.outbound.count + payloadLength <= Int(Self.bufferAllocation) else {
                 logger.warning("vsock: guest port \(c.peerPort) overran its credit; connection reset")
                 control.append(header(for: c, op: VsockHeader.Op.reset))
                 return close(c)
             }
-            c.outbound += bytes
+            c.outbound += try memory.gather(payload, from: VsockHeader.size, count: payloadLength)
             flushOutbound(c)
         case VsockHeader.Op.shutdown:
             if h.flags & VsockHeader.shutdownSend != 0 {

@@ -132,6 +132,8 @@ let logger = Logger(label: "virtio-test")
         #expect(try request(d, type: 11, sector: 0, data: le(UInt64(3)) + le(UInt32(1)) + le(UInt32(0))).0 == 0)
         #expect(try request(d, type: 0, sector: 3, readLength: 512).2 == [UInt8](repeating: 0, count: 512))
         #expect(try request(d, type: 11, sector: 0, data: le(UInt64(64)) + le(UInt32(1)) + le(UInt32(0))).0 == 1)
+        // Too many ranges in one request: refused without reading them all.
+        #expect(try request(d, type: 11, sector: 0, data: [UInt8](repeating: 0, count: 16 * 257)).0 == 1)
         d.shutdown()
         #expect(try RawImage(path: path, readOnly: true).read(at: 1024, count: 1024) == [UInt8](repeating: 0, count: 1024))
     }

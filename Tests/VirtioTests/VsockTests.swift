@@ -88,6 +88,13 @@ import Testing
         // Data for a stream that does not exist is answered with RST.
         try send(d, op: VsockHeader.Op.readWrite, sourcePort: 9, destinationPort: 9, payload: [1])
         #expect(try receive(d).0.op == VsockHeader.Op.reset)
+        // More data than the credit we granted: the stream is reset, nothing is buffered.
+        try send(d, op: VsockHeader.Op.request, sourcePort: 1236, destinationPort: 5000)
+        #expect(try receive(d).0.op == VsockHeader.Op.response)
+        _ = try accept(hostListener)
+        try send(d, op: VsockHeader.Op.readWrite, sourcePort: 1236, destinationPort: 5000, payload: [UInt8](repeating: 1, count: 300_000))
+        let (reset, _) = try receive(d)
+        #expect(reset.op == VsockHeader.Op.reset && reset.destinationPort == 1236)
     }
 
     @Test func hostConnectsToGuestPort() throws {
