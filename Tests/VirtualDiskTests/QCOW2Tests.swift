@@ -43,6 +43,28 @@ import Testing
         try roundTrip(clusterSize: 512, refcountBits: bits, size: 2 << 20, writes: 20)
     }
 
+    /// A snapshot of a big image with tiny clusters copies an L1 table longer than one refcount
+    /// block's range; the run must not be split by new refcount blocks (this used to loop forever,
+    /// growing the file).
+    @Test(arguments: [16, 64])
+    func longAllocationsSpanRefcountBlockRanges(bits: Int) throws {
+        let dir = try TempDir()
+        var options = QCOW2Image.CreateOptions()
+        options.clusterSize = 512
+        options.refcountBits = bits
+        try QCOW2Image.create(path: dir.path("big.qcow2"), size: 1 << 30, options: options)
+        let image = try #require(try DiskOpener.open(dir.path("big.qcow2")) as? QCOW2Image)
+        try image.write([UInt8](repeating: 5, count: 70_000), at: 512 << 20)
+        try image.createSnapshot(name: "s1")
+        try image.write([UInt8](repeating: 6, count: 4096), at: 512 << 20)
+        try image.createSnapshot(name: "s2")
+        try image.flush()
+        #expect(try image.allocatedBytes() < 8 << 20)
+        let result = try image.check()
+        #expect(result.corruptions == 0 && result.leaks == 0, "\(result.messages.prefix(5))")
+        #expect(try image.read(at: 512 << 20, count: 4096) == [UInt8](repeating: 6, count: 4096))
+    }
+
     @Test func version2Images() throws {
         try roundTrip(clusterSize: 65536, version: 2)
     }

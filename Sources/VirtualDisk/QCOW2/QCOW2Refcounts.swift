@@ -138,6 +138,9 @@ extension QCOW2Image {
                 }
                 c += 1
             }
+            // A run longer than one refcount block's range cannot hold those blocks at the start
+            // of their ranges (they would split it): give its ranges blocks placed after it.
+            if count > 1 { try describeOutside(runStart..<runStart + UInt64(count)) }
             var tookOne = false
             for cluster in runStart..<runStart + UInt64(count) {
                 if let taken = try ensureRefcountBlock(for: cluster), taken >= runStart, taken < runStart + UInt64(count) { tookOne = true }
@@ -155,6 +158,37 @@ extension QCOW2Image {
             let offset = runStart * UInt64(clusterSize)
             fileEnd = max(fileEnd, offset + UInt64(count * clusterSize))
             return offset
+        }
+    }
+
+    /// Gives every refcount-block range that `run` touches a block, placed outside `run`.
+    func describeOutside(_ run: Range<UInt64>) throws {
+        let perBlock = UInt64(refsPerBlock)
+        for index in Int(run.lowerBound / perBlock)...Int((run.upperBound - 1) / perBlock) {
+            if index >= refcountTable.count { try growRefcountTable(minEntries: index + 1) }
+            if refcountTable[index] & Self.offsetMask != 0 { continue }
+            // Counted first, then written, then pointed to: a crash in between only leaks.
+            let offset = try freeClusterAfter(run) * UInt64(clusterSize)
+            let block = [UInt64](repeating: 0, count: refsPerBlock)
+            try pwrite(Self.encodeBlock(block, bits: refcountBits, clusterSize: clusterSize), at: offset)
+            refblockCache[offset] = block
+            refcountTable[index] = offset
+            try pwrite(Self.encodeU64([offset]), at: header.refcountTableOffset + UInt64(index) * 8)
+        }
+    }
+
+    /// Takes (refcount 1) the first free cluster from the first refcount-block range that starts
+    /// at or after the end of `run`.
+    func freeClusterAfter(_ run: Range<UInt64>) throws -> UInt64 {
+        let perBlock = UInt64(refsPerBlock)
+        var c = (run.upperBound + perBlock - 1) / perBlock * perBlock
+        while true {
+            _ = try ensureRefcountBlock(for: c)  // at the start of c's range, so outside `run`
+            if try refcount(cluster: c) == 0 {
+                try storeRefcount(cluster: c, 1)
+                return c
+            }
+            c += 1
         }
     }
 
