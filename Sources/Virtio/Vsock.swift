@@ -207,6 +207,18 @@ final class VsockLoop: DeviceLoop {
 
     static func key(_ local: UInt32, _ peer: UInt32) -> UInt64 { UInt64(local) << 32 | UInt64(peer) }
 
+    /// Most control packets kept while the guest posts no receive buffers: a guest that floods
+    /// the device with bad packets and never reads the answers cannot make the host hoard them.
+    static let maxQueuedControl = 1024
+
+    private func queueControl(_ h: VsockHeader) {
+        guard control.count < Self.maxQueuedControl else {
+            logger.debug("vsock: the guest reads no control packets; dropping one")
+            return
+        }
+        control.append(h)
+    }
+
     func handle(_ event: Epoll.Event) throws {
         switch event.token {
         case Self.rxToken:
@@ -279,7 +291,7 @@ final class VsockLoop: DeviceLoop {
                 byPorts[Self.key(c.localPort, c.peerPort)] = c.id
                 var h = header(for: c, op: VsockHeader.Op.request)
                 h.length = 0
-                control.append(h)
+                queueControl(h)
                 return
             }
         }
@@ -324,7 +336,7 @@ final class VsockLoop: DeviceLoop {
             c.forwarded &+= UInt32(n)
         case .wouldBlock?: break
         case nil:
-            control.append(header(for: c, op: VsockHeader.Op.reset))
+            queueControl(header(for: c, op: VsockHeader.Op.reset))
             return close(c)
         }
         if c.outbound.isEmpty && c.guestStoppedSending { c.socket.shutdownWrite() }
@@ -333,7 +345,7 @@ final class VsockLoop: DeviceLoop {
 
     private func maybeCreditUpdate(_ c: VsockConnection) {
         if c.forwarded &- c.advertisedForward >= Self.bufferAllocation / 4 {
-            control.append(header(for: c, op: VsockHeader.Op.creditUpdate))
+            queueControl(header(for: c, op: VsockHeader.Op.creditUpdate))
         }
     }
 
@@ -345,7 +357,7 @@ final class VsockLoop: DeviceLoop {
             guard chain.readableLength >= VsockHeader.size else { return 0 }
             let h = VsockHeader(try memory.gather(chain.readable, count: VsockHeader.size))
             guard h.sourceCID == guestCID, h.destinationCID == VirtioVsock.hostCID, h.type == VsockHeader.streamType else {
-                if h.op != VsockHeader.Op.reset { control.append(resetPacket(to: h)) }
+                if h.op != VsockHeader.Op.reset { queueControl(resetPacket(to: h)) }
                 return 0
             }
             let payloadLength = min(Int(h.length), chain.readableLength - VsockHeader.size)
@@ -358,7 +370,7 @@ final class VsockLoop: DeviceLoop {
         let key = Self.key(h.destinationPort, h.sourcePort)
         guard let id = byPorts[key], let c = connections[id] else {
             if h.op == VsockHeader.Op.request { return connectToHost(h) }
-            if h.op != VsockHeader.Op.reset { control.append(resetPacket(to: h)) }
+            if h.op != VsockHeader.Op.reset { queueControl(resetPacket(to: h)) }
             return
         }
         c.peerBufferAllocation = h.bufferAllocation
@@ -376,7 +388,7 @@ final class VsockLoop: DeviceLoop {
             // credit it was given.
             guard payloadLength <= Self.maxPayload, c.outbound.count + payloadLength <= Int(Self.bufferAllocation) else {
                 logger.warning("vsock: guest port \(c.peerPort) overran its credit; connection reset")
-                control.append(header(for: c, op: VsockHeader.Op.reset))
+                queueControl(header(for: c, op: VsockHeader.Op.reset))
                 return close(c)
             }
             c.outbound += try memory.gather(payload, from: VsockHeader.size, count: payloadLength)
@@ -387,20 +399,20 @@ final class VsockLoop: DeviceLoop {
                 if c.outbound.isEmpty { c.socket.shutdownWrite() }
             }
             if h.flags & (VsockHeader.shutdownSend | VsockHeader.shutdownReceive) == VsockHeader.shutdownSend | VsockHeader.shutdownReceive {
-                control.append(header(for: c, op: VsockHeader.Op.reset))
+                queueControl(header(for: c, op: VsockHeader.Op.reset))
                 close(c)
             }
         case VsockHeader.Op.reset:
             close(c)
         case VsockHeader.Op.creditRequest:
-            control.append(header(for: c, op: VsockHeader.Op.creditUpdate))
+            queueControl(header(for: c, op: VsockHeader.Op.creditUpdate))
         case VsockHeader.Op.creditUpdate:
             break
         case VsockHeader.Op.request:
-            control.append(header(for: c, op: VsockHeader.Op.reset))
+            queueControl(header(for: c, op: VsockHeader.Op.reset))
             close(c)
         default:
-            control.append(header(for: c, op: VsockHeader.Op.reset))
+            queueControl(header(for: c, op: VsockHeader.Op.reset))
             close(c)
         }
     }
@@ -408,7 +420,7 @@ final class VsockLoop: DeviceLoop {
     /// A guest connection to host port P: connect to `<uds_path>_P`.
     private func connectToHost(_ h: VsockHeader) {
         guard connections.count < Self.maxConnections, let socket = try? UnixStream.connect("\(udsPath)_\(h.destinationPort)") else {
-            control.append(resetPacket(to: h))
+            queueControl(resetPacket(to: h))
             return
         }
         let c = VsockConnection(id: nextID, socket: socket, state: .established, localPort: h.destinationPort, peerPort: h.sourcePort)
@@ -416,11 +428,11 @@ final class VsockLoop: DeviceLoop {
         c.peerBufferAllocation = h.bufferAllocation
         c.peerForwardCount = h.forwardCount
         do { try register(c) } catch {
-            control.append(resetPacket(to: h))
+            queueControl(resetPacket(to: h))
             return
         }
         byPorts[Self.key(c.localPort, c.peerPort)] = c.id
-        control.append(header(for: c, op: VsockHeader.Op.response))
+        queueControl(header(for: c, op: VsockHeader.Op.response))
         c.readable = true
     }
 

@@ -260,10 +260,58 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         guard !isReadOnly else { throw DiskError("\(path) is open read-only") }
         try checkRange(self, offset, UInt64(data.count))
         try lock.withLock { _ in
-            for p in pieces(offset: offset, count: data.count, clusterSize: clusterSize) {
-                try writePiece(Array(data[p.bufferOffset..<p.bufferOffset + p.count]), p)
+            let list = pieces(offset: offset, count: data.count, clusterSize: clusterSize)
+            var i = 0
+            while i < list.count {
+                let run = try freshRun(list, from: i)
+                if run.count > 1 {
+                    try writeFreshRun(data, list[i..<i + run.count], l2Offset: run.l2Offset)
+                    i += run.count
+                } else {
+                    let p = list[i]
+                    try writePiece(Array(data[p.bufferOffset..<p.bufferOffset + p.count]), p)
+                    i += 1
+                }
             }
         }
+    }
+
+    /// Longest run (up to 256) of whole-cluster pieces from `start`, in one L2 table, whose clusters
+    /// hold nothing yet (unallocated, or a zero marker without storage): those are written as one
+    /// contiguous allocation.
+    func freshRun(_ list: [ClusterPiece], from start: Int) throws -> (count: Int, l2Offset: UInt64) {
+        guard list[start].count == clusterSize else { return (0, 0) }
+        let l1Index = list[start].cluster / UInt64(l2Entries)
+        var n = 0
+        while start + n < list.count, n < 256 {
+            let p = list[start + n]
+            guard p.count == clusterSize, p.cluster / UInt64(l2Entries) == l1Index else { break }
+            n += 1
+        }
+        guard n > 1 else { return (0, 0) }
+        let (l2Offset, firstIndex) = try writableL2(forCluster: list[start].cluster)
+        let table = try l2Table(at: l2Offset)
+        var fresh = 0
+        while fresh < n {
+            switch classify(table[firstIndex + fresh]) {
+            case .unallocated, .zero(nil): fresh += 1
+            default: return (fresh, l2Offset)
+            }
+        }
+        return (fresh, l2Offset)
+    }
+
+    /// Writes whole, empty clusters as one allocation: refcounts, then the data in one write, then
+    /// the L2 entries in one write (the order of `writePiece`, so a crash leaks at most).
+    func writeFreshRun(_ data: [UInt8], _ run: ArraySlice<ClusterPiece>, l2Offset: UInt64) throws {
+        guard let first = run.first else { return }
+        let host = try allocateClusters(run.count)
+        try pwrite(Array(data[first.bufferOffset..<first.bufferOffset + run.count * clusterSize]), at: host)
+        let firstIndex = Int(first.cluster % UInt64(l2Entries))
+        let entries = (0..<run.count).map { (host + UInt64($0 * clusterSize)) | Self.copiedFlag }
+        if l2Cache[l2Offset] == nil { _ = try l2Table(at: l2Offset) }
+        for (k, e) in entries.enumerated() { l2Cache[l2Offset]?[firstIndex + k] = e }
+        try pwrite(Self.encodeU64(entries), at: l2Offset + UInt64(firstIndex) * 8)
     }
 
     func writePiece(_ bytes: [UInt8], _ p: ClusterPiece) throws {

@@ -63,6 +63,36 @@ extension QCOW2Image {
         if value == 0 { freeHint = min(freeHint, cluster) }
     }
 
+    /// Sets the refcounts of consecutive clusters whose refcount blocks exist, with one write per
+    /// refcount block touched.
+    func storeRefcounts(clusters: Range<UInt64>, _ value: UInt64) throws {
+        let perBlock = UInt64(refsPerBlock)
+        let perUnit = refcountBits >= 8 ? 1 : 8 / refcountBits
+        var c = clusters.lowerBound
+        while c < clusters.upperBound {
+            let tableIndex = Int(c / perBlock)
+            let blockOffset = refcountTable[tableIndex] & Self.offsetMask
+            if refblockCache[blockOffset] == nil { _ = try refcountBlock(at: blockOffset) }
+            let end = min(clusters.upperBound, UInt64(tableIndex + 1) * perBlock)
+            let first = Int(c % perBlock)
+            let last = Int((end - 1) % perBlock)
+            for i in first...last { refblockCache[blockOffset]?[i] = value }
+            let block = refblockCache[blockOffset] ?? []
+            var bytes: [UInt8] = []
+            var startByte: Int?
+            var i = first - first % perUnit
+            while i <= last {
+                let (at, encoded) = Self.encodeRefcount(block, index: i, bits: refcountBits)
+                if startByte == nil { startByte = at }
+                bytes += encoded
+                i += perUnit
+            }
+            try pwrite(bytes, at: blockOffset + UInt64(startByte ?? 0))
+            if value == 0 { freeHint = min(freeHint, c) }
+            c = end
+        }
+    }
+
     /// Adds `delta` to a cluster's refcount, creating its refcount block if needed.
     func changeRefcount(cluster: UInt64, by delta: Int) throws {
         if delta > 0 { _ = try ensureRefcountBlock(for: cluster) }
@@ -153,7 +183,7 @@ extension QCOW2Image {
                 start = runStart
                 continue
             }
-            for cluster in runStart..<runStart + UInt64(count) { try storeRefcount(cluster: cluster, 1) }
+            try storeRefcounts(clusters: runStart..<runStart + UInt64(count), 1)
             if count == 1 || runStart == freeHint { freeHint = runStart + UInt64(count) }
             let offset = runStart * UInt64(clusterSize)
             fileEnd = max(fileEnd, offset + UInt64(count * clusterSize))
