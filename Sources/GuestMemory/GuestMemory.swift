@@ -101,6 +101,11 @@ public final class GuestMemory: Sendable {
 
     /// Copies `bytes` into guest memory at `address`.
     public func write(_ bytes: [UInt8], at address: UInt64) throws(GuestMemoryError) {
+        try write(bytes[...], at: address)
+    }
+
+    /// Copies a slice of bytes into guest memory at `address`.
+    public func write(_ bytes: ArraySlice<UInt8>, at address: UInt64) throws(GuestMemoryError) {
         let offset = try hostOffset(for: address, length: UInt64(bytes.count))
         bytes.withUnsafeBytes { source in
             // SAFETY: the destination range was checked above; the source is the array's buffer.

@@ -81,9 +81,7 @@ public final class VirtioBlock: VirtioBackend {
 
     public func readConfig(offset: Int, count: Int) -> [UInt8] {
         var config = [UInt8](repeating: 0, count: 60)
-        func put<T: FixedWidthInteger>(_ value: T, _ at: Int) {
-            withUnsafeBytes(of: value.littleEndian) { for (i, b) in $0.enumerated() { config[at + i] = b } }
-        }
+        func put<T: FixedWidthInteger>(_ value: T, _ at: Int) { config.setLittleEndian(value, at: at) }
         put(image.virtualSize / UInt64(Self.sectorSize), 0)
         put(UInt32(Self.maxSegmentBytes), 8)
         put(UInt32(Self.queueSize - 2), 12)
@@ -130,8 +128,8 @@ public final class VirtioBlock: VirtioBackend {
     private func execute(_ chain: DescriptorChain, dataOut: [GuestBuffer], memory: GuestMemory) throws -> (UInt8, Int) {
         guard chain.readableLength >= 16 else { return (Status.ioError, 0) }
         let header = try memory.gather(chain.readable, count: 16)
-        let type = header.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }.littleEndian
-        let sector = header.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self) }.littleEndian
+        let type = header.littleEndian(UInt32.self, at: 0)
+        let sector = header.littleEndian(UInt64.self, at: 8)
         let dataIn = chain.readable.slice(from: 16, count: chain.readableLength - 16)
         let image = self.image
         func checkedRange(_ sector: UInt64, _ bytes: Int) -> UInt64? {
@@ -169,9 +167,9 @@ public final class VirtioBlock: VirtioBackend {
             }
             let segments = try memory.gather(dataIn, count: dataIn.totalLength)
             for s in stride(from: 0, to: segments.count, by: 16) {
-                let start = segments.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: s, as: UInt64.self) }.littleEndian
-                let count = segments.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: s + 8, as: UInt32.self) }.littleEndian
-                let flags = segments.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: s + 12, as: UInt32.self) }.littleEndian
+                let start = segments.littleEndian(UInt64.self, at: s)
+                let count = segments.littleEndian(UInt32.self, at: s + 8)
+                let flags = segments.littleEndian(UInt32.self, at: s + 12)
                 let bytes = Int(count) * Self.sectorSize
                 guard let offset = checkedRange(start, bytes) else { return (Status.ioError, 0) }
                 if type == RequestType.discard {

@@ -250,15 +250,7 @@ final class NetLoop: DeviceLoop {
         var done = 0
         for chain in chains {
             let n = min(chain.writableLength, length - done)
-            try memory.withHostBuffers(chain.writable.slice(from: 0, count: n).ranges) { buffers in
-                var at = done
-                frame.withUnsafeBytes { source in
-                    for b in buffers {
-                        b.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[at..<at + b.count]))
-                        at += b.count
-                    }
-                }
-            }
+            try memory.scatter(frame[done..<done + n], into: chain.writable)
             try rx.putUsed(head: chain.head, length: n)
             done += n
         }

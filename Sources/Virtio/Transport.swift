@@ -135,7 +135,9 @@ public final class VirtioMMIODevice: BusDevice {
             default: return 0
             }
         }
-        return withUnsafeBytes(of: value.littleEndian) { Array($0) }
+        var bytes: [UInt8] = []
+        bytes.appendLittleEndian(value)
+        return bytes
     }
 
     public func write(offset: UInt64, data: [UInt8]) {

@@ -44,7 +44,8 @@ public final class VirtioVsock: VirtioBackend {
     public var features: UInt64 { VirtioFeature.eventIndex | VirtioFeature.indirectDescriptors }
 
     public func readConfig(offset: Int, count: Int) -> [UInt8] {
-        let config = withUnsafeBytes(of: guestCID.littleEndian) { Array($0) }
+        var config: [UInt8] = []
+        config.appendLittleEndian(guestCID)
         return configSlice(config, offset: offset, count: count)
     }
 
@@ -91,9 +92,7 @@ struct VsockHeader: Equatable {
     init() {}
 
     init(_ bytes: [UInt8]) {
-        func at<T: FixedWidthInteger>(_ offset: Int, _: T.Type) -> T {
-            bytes.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
-        }
+        func at<T: FixedWidthInteger>(_ offset: Int, _: T.Type) -> T { bytes.littleEndian(T.self, at: offset) }
         sourceCID = at(0, UInt64.self)
         destinationCID = at(8, UInt64.self)
         sourcePort = at(16, UInt32.self)
@@ -109,7 +108,7 @@ struct VsockHeader: Equatable {
     var bytes: [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(Self.size)
-        func put<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.littleEndian) { out += $0 } }
+        func put<T: FixedWidthInteger>(_ v: T) { out.appendLittleEndian(v) }
         put(sourceCID)
         put(destinationCID)
         put(sourcePort)

@@ -125,13 +125,36 @@ extension GuestMemory {
 
     /// Copies `bytes` into `buffers` (laid end to end) starting at byte `from`; returns how many fit.
     @discardableResult
-    func scatter(_ bytes: [UInt8], into buffers: [GuestBuffer], from: Int = 0) throws -> Int {
-        var done = 0
+    func scatter(_ bytes: ArraySlice<UInt8>, into buffers: [GuestBuffer], from: Int = 0) throws -> Int {
+        var done = bytes.startIndex
         for piece in buffers.slice(from: from, count: bytes.count) {
-            try write(Array(bytes[done..<done + piece.length]), at: piece.address)
+            try write(bytes[done..<done + piece.length], at: piece.address)
             done += piece.length
         }
-        return done
+        return done - bytes.startIndex
+    }
+
+    @discardableResult
+    func scatter(_ bytes: [UInt8], into buffers: [GuestBuffer], from: Int = 0) throws -> Int {
+        try scatter(bytes[...], into: buffers, from: from)
+    }
+}
+
+/// Little-endian fields of device headers and configuration spaces, read and written without
+/// pointers. Callers check lengths first.
+extension Array where Element == UInt8 {
+    func littleEndian<T: FixedWidthInteger>(_: T.Type, at offset: Int) -> T {
+        var value: T = 0
+        for i in 0..<MemoryLayout<T>.size { value |= T(truncatingIfNeeded: self[offset + i]) << (8 * i) }
+        return value
+    }
+
+    mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
+        for i in 0..<MemoryLayout<T>.size { append(UInt8(truncatingIfNeeded: value >> (8 * i))) }
+    }
+
+    mutating func setLittleEndian<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        for i in 0..<MemoryLayout<T>.size { self[offset + i] = UInt8(truncatingIfNeeded: value >> (8 * i)) }
     }
 }
 
