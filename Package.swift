@@ -12,11 +12,18 @@ let package = Package(
         .executable(name: "nimbus", targets: ["nimbus"]),
         .library(name: "VirtualDisk", targets: ["VirtualDisk"]),
         .library(name: "VMM", targets: ["VMM"]),
+        .executable(name: "nimbus-tunnel", targets: ["nimbus-tunnel"]),
+        .library(name: "Tunnel", targets: ["Tunnel"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // Layer 0: the only C in the package. <linux/kvm.h>, ioctl codes, kvm_run accessors.
@@ -62,6 +69,30 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: strict),
+        // Layer 2: the frp-class tunnel: multiplexed sessions, proxies, visitors, auth, status API.
+        .target(
+            name: "Tunnel",
+            dependencies: [
+                "CNimbusZlib",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "nimbus-tunnel",
+            dependencies: [
+                "Tunnel", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .executableTarget(
             name: "nimbus-vmm",
             dependencies: [
@@ -89,6 +120,14 @@ let package = Package(
         .testTarget(
             name: "KVMIntegrationTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxSystem"],
             swiftSettings: strict),
+        .testTarget(
+            name: "TunnelTests",
+            dependencies: [
+                "Tunnel", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: strict),
+        .testTarget(name: "TunnelNamespaceTests", dependencies: [], swiftSettings: strict),
         .testTarget(name: "NestedHostTests", dependencies: [], swiftSettings: strict),
     ]
 )
