@@ -37,7 +37,7 @@ done
 for tool in iperf3 socat nginx wrk python3; do
     command -v "$tool" >/dev/null || { echo "$tool is not installed" >&2; exit 2; }
 done
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 work=$(mktemp -d /tmp/nimbus-tunnel-bench.XXXXXX)
 pids=()
@@ -50,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 bg() { "$@" >"$work/$(basename "$1").$RANDOM.log" 2>&1 & pids+=($!); }
 
-IPERF=25201 SOCAT1=25301 SOCAT2=25302 NGINX=25080
+IPERF=25201 SOCAT1=25301 SOCAT2=25302 NGINX=25080 SOCAT_HTTP=25311
 PLAIN_CTL=25700 PLAIN_IPERF=25601 PLAIN_HTTP=25602 PLAIN_VHOST=25081
 TLS_CTL=25701 TLS_IPERF=25611
 
@@ -58,6 +58,8 @@ TLS_CTL=25701 TLS_IPERF=25611
 bg iperf3 -s -B 127.0.0.1 -p $IPERF
 bg socat TCP-LISTEN:$SOCAT1,bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:$SOCAT2
 bg socat TCP-LISTEN:$SOCAT2,bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:$IPERF
+bg socat TCP-LISTEN:$SOCAT_HTTP,bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:$((SOCAT_HTTP + 1))
+bg socat TCP-LISTEN:$((SOCAT_HTTP + 1)),bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:$NGINX
 mkdir -p "$work/www"
 head -c 1024 /dev/urandom | base64 -w 0 >"$work/www/index.html"
 cat >"$work/nginx.conf" <<EOF
@@ -149,15 +151,18 @@ for run in $(seq 1 "$RUNS"); do
         record "tls-$streams" "$(iperf_gbps $TLS_IPERF $streams)"
     done
     record rps-direct "$(wrk_rps $NGINX bench.test 50)"
+    record rps-socat "$(wrk_rps $SOCAT_HTTP bench.test 50)"
     record rps-tcp "$(wrk_rps $PLAIN_HTTP bench.test 50)"
     record rps-vhost "$(wrk_rps $PLAIN_VHOST bench.test 50)"
     record p50-direct "$(wrk_p50_us $NGINX bench.test)"
+    record p50-socat "$(wrk_p50_us $SOCAT_HTTP bench.test)"
     record p50-tcp "$(wrk_p50_us $PLAIN_HTTP bench.test)"
     record p50-vhost "$(wrk_p50_us $PLAIN_VHOST bench.test)"
 done
 
 # Memory with 1,000 connections held open through the tunnel (each has fetched the page once).
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+anon_kib() { awk '/RssAnon/ {print $2}' "/proc/$1/status"; }
 idle_server=$(rss_kib "$SERVER_PID_plain")
 idle_client=$(rss_kib "$CLIENT_PID_plain")
 python3 - "$PLAIN_HTTP" >"$work/hold.out" <<'EOF' &
@@ -182,6 +187,8 @@ sleep 1
 held=$(awk '/holding/ {print $2}' "$work/hold.out")
 busy_server=$(rss_kib "$SERVER_PID_plain")
 busy_client=$(rss_kib "$CLIENT_PID_plain")
+anon_server=$(anon_kib "$SERVER_PID_plain")
+anon_client=$(anon_kib "$CLIENT_PID_plain")
 wait $hold || true
 
 m() { echo "${results[$1]}" | median; }
@@ -195,16 +202,16 @@ for streams in 1 4; do
         "$(ratio "$(m tls-$streams)" "$(m socat-$streams)")"
 done
 echo
-printf '%-34s %10s %10s %10s %14s\n' "HTTP to nginx (wrk)" direct "nimbus tcp" "nimbus vhost" "vhost/direct"
-printf '%-34s %10s %10s %10s %14s\n' "requests/s, 50 connections" "$(m rps-direct)" "$(m rps-tcp)" "$(m rps-vhost)" \
-    "$(ratio "$(m rps-vhost)" "$(m rps-direct)")"
-printf '%-34s %10s %10s %10s\n' "p50 latency µs, 1 connection" "$(m p50-direct)" "$(m p50-tcp)" "$(m p50-vhost)"
-printf '%-34s %10s %10s %10s\n' "added p50 µs" "-" \
-    "$(python3 -c "print('%.0f' % ($(m p50-tcp) - $(m p50-direct)))")" \
-    "$(python3 -c "print('%.0f' % ($(m p50-vhost) - $(m p50-direct)))")"
+printf '%-34s %10s %10s %10s %12s %14s\n' "HTTP to nginx (wrk)" direct socat×2 "nimbus tcp" "nimbus vhost" "tcp/socat"
+printf '%-34s %10s %10s %10s %12s %14s\n' "requests/s, 50 connections" "$(m rps-direct)" "$(m rps-socat)" "$(m rps-tcp)" \
+    "$(m rps-vhost)" "$(ratio "$(m rps-tcp)" "$(m rps-socat)")"
+printf '%-34s %10s %10s %10s %12s\n' "p50 latency µs, 1 connection" "$(m p50-direct)" "$(m p50-socat)" "$(m p50-tcp)" "$(m p50-vhost)"
+added() { python3 -c "print('%.0f' % ($(m "$1") - $(m p50-direct)))"; }
+printf '%-34s %10s %10s %10s %12s\n' "added p50 µs" "-" "$(added p50-socat)" "$(added p50-tcp)" "$(added p50-vhost)"
 echo
 printf '%-34s %10s %10s\n' "memory (VmRSS MiB)" server client
 printf '%-34s %10s %10s\n' "idle, after the runs above" "$((idle_server / 1024))" "$((idle_client / 1024))"
 printf '%-34s %10s %10s\n' "${held:-0} connections open" "$((busy_server / 1024))" "$((busy_client / 1024))"
+printf '%-34s %10s %10s\n' "  of which anonymous (RssAnon)" "$((anon_server / 1024))" "$((anon_client / 1024))"
 
 }

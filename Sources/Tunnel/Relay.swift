@@ -20,6 +20,7 @@ final class LocalRelay: ChannelInboundHandler, StreamEndpoint {
     private var outputDrained = false
     private var aborted = false
     private var waitingForTokens = false
+    private var reading = false
     let limiter: RateLimiter?
     /// Runs once when the socket closes.
     var onClose: (() -> Void)?
@@ -35,12 +36,15 @@ final class LocalRelay: ChannelInboundHandler, StreamEndpoint {
         requestRead()
     }
 
+    /// Reads while the stream can take more: the channel's autoRead is switched on and off only
+    /// when that changes (a read() per batch would re-arm epoll on every read).
     private func requestRead() {
-        // A read asked for before the channel is active is lost, so channelActive asks again.
-        guard let context, context.channel.isActive, let stream, stream.wantsMore, !inputClosed, !waitingForTokens else {
-            return
-        }
-        context.read()
+        // Before the channel is active the option cannot take effect; channelActive asks again.
+        guard let context, context.channel.isActive else { return }
+        let wanted = stream?.wantsMore == true && !inputClosed && !waitingForTokens
+        guard wanted != reading else { return }
+        reading = wanted
+        try? context.channel.syncOptions?.setOption(.autoRead, value: wanted)
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -58,6 +62,7 @@ final class LocalRelay: ChannelInboundHandler, StreamEndpoint {
         stream?.session.flush()
         if let limiter, let delay = limiter.delay() {
             waitingForTokens = true
+            requestRead()
             context.eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in
                 waitingForTokens = false
                 requestRead()

@@ -149,6 +149,8 @@ final class ServerConnection: MuxSessionDelegate {
     var hostname = ""
     let connectedAt = Date()
     var proxies: [String: ServerProxy] = [:]
+    /// tcp and udp proxies whose port is being bound (they count toward maxPortsPerClient).
+    var bindingPorts = 0
     var address = ""
 
     init(core: ServerCore) { self.core = core }
@@ -168,10 +170,7 @@ final class ServerConnection: MuxSessionDelegate {
         switch frame.type {
         case .hello:
             guard !challengeSent else { throw WireError("second hello on one session") }
-            var payload = frame.payload
-            guard payload.readBytes(length: 4) == Challenge.magic, payload.readInteger(as: UInt8.self) == Challenge.version else {
-                throw WireError("the client does not speak this protocol version")
-            }
+            try WireParse.checkHello(Array(frame.payload.readableBytesView))
             challengeSent = true
             session.send(.challenge, payload: challenge.encode())
             session.flush()
@@ -245,6 +244,7 @@ final class ServerCore {
     private var ports: Set<String> = []
     private var httpRoutes: [String: [ServerProxy]] = [:]
     private var httpsRoutes: [String: ServerProxy] = [:]
+    private var reservedNames: Set<String> = []
     private var nextProxyID: UInt32 = 1
     private(set) var activeConnections = 0
     let metrics: ServerMetrics?
@@ -297,7 +297,9 @@ final class ServerCore {
         }
         let name = proxyConfig.name
         guard !name.isEmpty, name.count <= 256 else { return reply("the proxy name must be 1 to 256 characters") }
-        guard proxies[name] == nil else { return reply("proxy name \"\(name)\" is already in use") }
+        guard proxies[name] == nil, !reservedNames.contains(name) else {
+            return reply("proxy name \"\(name)\" is already in use")
+        }
         guard owner.proxies.count < 1024 else { return reply("a client may register at most 1024 proxies") }
         let id = nextProxyID
         nextProxyID &+= 1
@@ -305,7 +307,7 @@ final class ServerCore {
         switch proxyConfig.type {
         case .tcp, .udp:
             let portProxies = owner.proxies.values.filter { $0.config.type == .tcp || $0.config.type == .udp }
-            if config.maxPortsPerClient > 0, portProxies.count >= config.maxPortsPerClient {
+            if config.maxPortsPerClient > 0, portProxies.count + owner.bindingPorts >= config.maxPortsPerClient {
                 return reply("the client already uses its \(config.maxPortsPerClient) ports (maxPortsPerClient)")
             }
             let port = proxyConfig.remotePort
@@ -317,7 +319,15 @@ final class ServerCore {
             } else if !config.allowPorts.isEmpty {
                 return reply("remotePort 0 (any port) is not allowed when the server sets allowPorts")
             }
+            // The name and port are held while the port is bound, so a second request for either
+            // (a hostile client can send both at once) is refused rather than racing.
+            owner.bindingPorts += 1
+            reservedNames.insert(name)
+            if port != 0 { ports.insert(portKey(proxyConfig.type, port)) }
             bindProxy(proxy, port: port) { [self] result in
+                owner.bindingPorts -= 1
+                reservedNames.remove(name)
+                if port != 0 { ports.remove(portKey(proxyConfig.type, port)) }
                 switch result {
                 case .failure(let error):
                     reply("cannot listen on port \(port): \(error)")

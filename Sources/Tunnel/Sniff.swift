@@ -1,6 +1,8 @@
 // Tunnel layer: the pure parsers for the shared vhost ports (an HTTP request head, a TLS
 // ClientHello's SNI) and the PROXY protocol headers written to local services. No sockets.
 
+import Foundation
+
 /// The result of looking at the first bytes of a vhost connection.
 public enum SniffResult: Equatable, Sendable {
     /// Not enough bytes yet.

@@ -8,36 +8,6 @@ import Crypto
 import Foundation
 import NIOCore
 
-/// What a frame is.
-public enum FrameType: UInt8, Sendable, CaseIterable {
-    /// Client → server, first frame: protocol magic and version. The client speaks first so the
-    /// server can tell a TLS handshake from a plain session by the first byte.
-    case hello = 13
-    /// Server → client, answer to hello: protocol magic, version and a fresh 32-byte nonce.
-    case challenge = 1
-    /// Client → server: JSON `LoginRequest`.
-    case login = 2
-    /// Server → client: JSON `LoginResult`.
-    case loginResult = 3
-    /// JSON `ControlMessage` on stream 0.
-    case control = 4
-    /// Opens a stream; payload is JSON `OpenRequest`.
-    case open = 5
-    /// Stream bytes.
-    case data = 6
-    /// Grants the peer more send window on a stream: u32 bytes.
-    case window = 7
-    /// The sender will send no more on this stream (half close).
-    case fin = 8
-    /// The stream is aborted in both directions; payload is a UTF-8 reason.
-    case reset = 9
-    /// Heartbeat request and answer (payload echoed).
-    case ping = 10
-    case pong = 11
-    /// A UDP datagram for a udp proxy; the stream field is the proxy's id.
-    case datagram = 12
-}
-
 /// Flags on data frames.
 public enum FrameFlags {
     /// The payload is a u32 uncompressed length followed by raw deflate.
@@ -58,9 +28,9 @@ public struct Frame: Sendable {
         self.payload = payload
     }
 
-    public static let headerSize = 10
+    public static let headerSize = FrameHeader.size
     /// The largest payload accepted: a data frame carries at most `maxData`; control messages are small.
-    public static let maxPayload = 256 * 1024
+    public static let maxPayload = FrameHeader.maxPayload
     /// The largest data frame a sender produces.
     public static let maxData = 64 * 1024
 
@@ -82,27 +52,13 @@ public struct Frame: Sendable {
     /// Takes one frame off the front of `buffer`, or returns nil if it is not all there yet.
     /// Throws for an unknown type or an oversized length: the connection must then be closed.
     public static func decode(from buffer: inout ByteBuffer) throws -> Frame? {
-        guard buffer.readableBytes >= headerSize,
-            let rawType: UInt8 = buffer.getInteger(at: buffer.readerIndex),
-            let flags: UInt8 = buffer.getInteger(at: buffer.readerIndex + 1),
-            let stream: UInt32 = buffer.getInteger(at: buffer.readerIndex + 2),
-            let length: UInt32 = buffer.getInteger(at: buffer.readerIndex + 6)
+        guard let header = try FrameHeader.parse(buffer.readableBytesView.prefix(headerSize)),
+            buffer.readableBytes >= headerSize + header.length
         else { return nil }
-        guard let type = FrameType(rawValue: rawType) else { throw WireError("unknown frame type \(rawType)") }
-        guard Int(length) <= maxPayload else {
-            throw WireError("frame of \(length) bytes is larger than the \(maxPayload)-byte limit")
-        }
-        guard buffer.readableBytes >= headerSize + Int(length) else { return nil }
         buffer.moveReaderIndex(forwardBy: headerSize)
-        guard let payload = buffer.readSlice(length: Int(length)) else { return nil }
-        return Frame(type: type, flags: flags, stream: stream, payload: payload)
+        guard let payload = buffer.readSlice(length: header.length) else { return nil }
+        return Frame(type: header.type, flags: header.flags, stream: header.stream, payload: payload)
     }
-}
-
-/// A peer sent something the protocol does not allow.
-public struct WireError: Error, CustomStringConvertible, Equatable {
-    public let description: String
-    public init(_ description: String) { self.description = description }
 }
 
 /// Splits a byte stream into frames for a NIO pipeline.
@@ -125,8 +81,8 @@ public struct FrameDecoder: ByteToMessageDecoder {
 
 /// The first frame's payload: magic, version, the server's nonce.
 public struct Challenge: Sendable, Equatable {
-    public static let magic: [UInt8] = Array("NMBT".utf8)
-    public static let version: UInt8 = 1
+    public static let magic = WireParse.magic
+    public static let version = WireParse.version
     public var nonce: [UInt8]
 
     public init(nonce: [UInt8]) { self.nonce = nonce }
@@ -142,17 +98,7 @@ public struct Challenge: Sendable, Equatable {
     }
 
     public static func decode(_ payload: ByteBuffer) throws -> Challenge {
-        var payload = payload
-        guard let magic = payload.readBytes(length: 4), magic == Challenge.magic else {
-            throw WireError("the server did not answer with the nimbus-tunnel protocol")
-        }
-        guard let version: UInt8 = payload.readInteger(), version == Challenge.version else {
-            throw WireError("the server speaks an unsupported protocol version")
-        }
-        guard payload.readableBytes == 32, let nonce = payload.readBytes(length: 32) else {
-            throw WireError("the server's challenge has a bad nonce")
-        }
-        return Challenge(nonce: nonce)
+        Challenge(nonce: try WireParse.challengeNonce(Array(payload.readableBytesView)))
     }
 }
 
@@ -313,10 +259,9 @@ public struct Datagram: Sendable, Equatable {
     }
 
     public static func decode(_ payload: ByteBuffer) throws -> Datagram {
+        let header = try WireParse.datagramHeader(payload.readableBytesView.prefix(19))
         var payload = payload
-        guard let length: UInt8 = payload.readInteger(), length == 4 || length == 16,
-            let address = payload.readBytes(length: Int(length)), let port: UInt16 = payload.readInteger()
-        else { throw WireError("malformed datagram frame") }
-        return Datagram(address: address, port: port, data: payload)
+        payload.moveReaderIndex(forwardBy: header.dataOffset)
+        return Datagram(address: header.address, port: header.port, data: payload)
     }
 }

@@ -357,6 +357,20 @@ enum Harness {
         await server.stop()
     }
 
+    @Test func maxPortsPerClientCapsAClient() async throws {
+        let echo = try TestService.echo()
+        defer { echo.stop() }
+        let server = try await Harness.server { $0.maxPortsPerClient = 1 }
+        let (first, second) = (try freePort(), try freePort())
+        let client = try await Harness.client(
+            server, proxies: [Harness.tcp("one", local: echo.port, remote: first), Harness.tcp("two", local: echo.port, remote: second)])
+        let states = try await client.proxyStates()
+        let refused = ProxyState.refused("the client already uses its 1 ports (maxPortsPerClient)")
+        #expect([states["one"], states["two"]].filter { $0 == refused }.count == 1)
+        await client.stop()
+        await server.stop()
+    }
+
     @Test func theClientComesBackAfterAServerRestart() async throws {
         let echo = try TestService.echo()
         defer { echo.stop() }
@@ -441,6 +455,75 @@ enum Harness {
         #expect(try Harness.echoRoundTrip(port: remote, Harness.randomData(1 << 20)))
         await #expect(throws: LoginFailed.self) {
             _ = try await Harness.client(server) { $0.tlsEnable = false }
+        }
+        await client.stop()
+        await server.stop()
+    }
+}
+
+extension LoopbackTests {
+    /// Runs openssl with `arguments` in `directory`.
+    static func openssl(_ arguments: [String], in directory: URL) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        process.arguments = arguments
+        process.currentDirectoryURL = directory
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw SocketFailure(description: "openssl \(arguments.joined(separator: " ")) failed")
+        }
+    }
+
+    /// A CA and a server and a client certificate signed by it, made with the openssl CLI.
+    static func makeCertificates() throws -> URL {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tunnel-tls-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        try openssl(["req", "-x509"] + key + ["-days", "2", "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem"], in: directory)
+        try "subjectAltName=DNS:tunnel.test\n".write(to: directory.appendingPathComponent("san.ext"), atomically: true, encoding: .utf8)
+        for name in ["server", "client"] {
+            try openssl(["req"] + key + ["-subj", "/CN=\(name)", "-keyout", "\(name).key", "-out", "\(name).csr"], in: directory)
+            try openssl(
+                [
+                    "x509", "-req", "-in", "\(name).csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+                    "-extfile", "san.ext", "-out", "\(name).pem",
+                ], in: directory)
+        }
+        return directory
+    }
+
+    @Test func mutualTLSWithACAFile() async throws {
+        let directory = try Self.makeCertificates()
+        defer { try? FileManager.default.removeItem(at: directory) }
+        func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+        let echo = try TestService.echo()
+        defer { echo.stop() }
+        let server = try await Harness.server {
+            $0.tlsForce = true
+            $0.tls = TLSFiles(certFile: path("server.pem"), keyFile: path("server.key"), trustedCaFile: path("ca.pem"))
+        }
+        let remote = try freePort()
+        let client = try await Harness.client(server, proxies: [Harness.tcp("echo", local: echo.port, remote: remote)]) {
+            $0.tlsEnable = true
+            $0.tls = TLSFiles(
+                certFile: path("client.pem"), keyFile: path("client.key"), trustedCaFile: path("ca.pem"), serverName: "tunnel.test")
+        }
+        #expect(try Harness.echoRoundTrip(port: remote, Array("mutual".utf8)))
+        // No client certificate: the handshake fails and the login with it.
+        await #expect(throws: LoginFailed.self) {
+            _ = try await Harness.client(server) { $0.tlsEnable = true }
+        }
+        // The client checks the server against its CA and name.
+        await #expect(throws: LoginFailed.self) {
+            _ = try await Harness.client(server) {
+                $0.tlsEnable = true
+                $0.tls = TLSFiles(
+                    certFile: path("client.pem"), keyFile: path("client.key"), trustedCaFile: path("ca.pem"),
+                    serverName: "other.test")
+            }
         }
         await client.stop()
         await server.stop()
