@@ -361,6 +361,7 @@ final class ClientCore: MuxSessionDelegate {
         let any = target.protocol == .inet6 ? "::" : "0.0.0.0"
         DatagramBootstrap(group: loop)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536))
+            .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(boundFlow.value) }
             }

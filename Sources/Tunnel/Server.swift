@@ -417,6 +417,8 @@ final class ServerCore {
         if proxy.config.type == .udp {
             future = DatagramBootstrap(group: loop)
                 .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 65536))
+                // Room for bursts while the loop is busy (the kernel caps it at net.core.rmem_max).
+                .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
                 .channelOption(.socketOption(.so_reuseaddr), value: 1)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {

@@ -109,7 +109,7 @@ enum Harness {
         #expect(try Harness.echoRoundTrip(port: remote, Harness.randomData(1 << 20)))
         // 1 MiB each way through a 512 KiB/s bucket shared by both directions: about 4 s.
         let elapsed = Date().timeIntervalSince(started)
-        #expect(elapsed > 2.5 && elapsed < 15)
+        #expect(elapsed > 2.5 && elapsed < 30)
         await client.stop()
         await server.stop()
     }
@@ -144,7 +144,7 @@ enum Harness {
         try await Task.sleep(for: .milliseconds(500))
         let started = Date()
         #expect(try Harness.echoRoundTrip(port: echoPort, Harness.randomData(4 << 20)))
-        #expect(Date().timeIntervalSince(started) < 10)
+        #expect(Date().timeIntervalSince(started) < 30)
         await client.stop()
         await server.stop()
     }
@@ -407,7 +407,7 @@ enum Harness {
         let silent = try TestSocket.connect(port: server.controlPort, timeout: 5)
         let started = Date()
         #expect(try silent.receiveAll().isEmpty)
-        #expect(Date().timeIntervalSince(started) < 4)
+        #expect(Date().timeIntervalSince(started) < 8)
         #expect(try Harness.echoRoundTrip(port: remote, Harness.randomData(100_000)))
         await client.stop()
         await server.stop()
