@@ -3,6 +3,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import NIOCore
 import NIOPosix
 import Tunnel
 
@@ -27,14 +28,10 @@ struct NimbusTunnel: AsyncParsableCommand {
         @Option(name: .shortAndLong, help: "The server configuration (frps.toml).") var config: String
 
         func run() async throws {
-            let parsed = try loadOrExit { try ServerConfig.load(path: config) }
-            bootstrapLogging(parsed.logLevel)
-            let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-            let server = try await loadOrExit {
-                try await TunnelServer.start(config: parsed, group: group, logger: Logger(label: "nimbus-tunnel.server"))
-            }
-            await waitForTermination()
-            await server.stop()
+            try await runUntilSignal(
+                load: { try ServerConfig.load(path: config) }, logLevel: \.logLevel,
+                start: { try await TunnelServer.start(config: $0, group: $1, logger: Logger(label: "nimbus-tunnel.server")) },
+                stop: { await $0.stop() })
         }
     }
 
@@ -48,14 +45,10 @@ struct NimbusTunnel: AsyncParsableCommand {
         @Option(name: .shortAndLong, help: "The client configuration (frpc.toml).") var config: String
 
         func run() async throws {
-            let parsed = try loadOrExit { try ClientConfig.load(path: config) }
-            bootstrapLogging(parsed.logLevel)
-            let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-            let client = try await loadOrExit {
-                try await TunnelClient.start(config: parsed, group: group, logger: Logger(label: "nimbus-tunnel.client"))
-            }
-            await waitForTermination()
-            await client.stop()
+            try await runUntilSignal(
+                load: { try ClientConfig.load(path: config) }, logLevel: \.logLevel,
+                start: { try await TunnelClient.start(config: $0, group: $1, logger: Logger(label: "nimbus-tunnel.client")) },
+                stop: { await $0.stop() })
         }
     }
 
@@ -97,6 +90,20 @@ struct NimbusTunnel: AsyncParsableCommand {
             }
         }
     }
+}
+
+/// Loads a configuration, starts the side it describes on one event loop, and runs it until
+/// SIGTERM or SIGINT. A bad configuration or a failed start prints one line and exits 1.
+func runUntilSignal<Config, Side>(
+    load: () throws -> Config, logLevel: (Config) -> String, start: (Config, EventLoopGroup) async throws -> Side,
+    stop: (Side) async -> Void
+) async throws {
+    let config = try loadOrExit(load)
+    bootstrapLogging(logLevel(config))
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let side = try await loadOrExit { try await start(config, group) }
+    await waitForTermination()
+    await stop(side)
 }
 
 /// Runs `body`; prints its error and exits 1 instead of dumping an ArgumentParser usage screen.
