@@ -259,7 +259,6 @@ final class MuxSession: ChannelInboundHandler {
     }
 
     var isWritable: Bool { context?.channel.isWritable ?? false }
-    var streamCount: Int { streams.count }
     var remoteAddress: SocketAddress? { context?.channel.remoteAddress }
     var eventLoop: EventLoop? { context?.eventLoop }
 

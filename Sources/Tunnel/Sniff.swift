@@ -3,16 +3,6 @@
 
 import Foundation
 
-/// The result of looking at the first bytes of a vhost connection.
-public enum SniffResult: Equatable, Sendable {
-    /// Not enough bytes yet.
-    case needMore
-    /// The bytes cannot be routed (not HTTP, not TLS, or too large); the reason says why.
-    case invalid(String)
-    /// Routed by this host name (lowercased, without port) and path ("/" for TLS).
-    case found(host: String, path: String)
-}
-
 /// The largest request head or ClientHello looked at before giving up.
 public let maxSniffBytes = 16 * 1024
 
