@@ -221,8 +221,14 @@ final class PendingEndpoint: StreamEndpoint {
 /// `partner`'s peer credits `partner`, so the window holds end to end.
 final class SpliceEndpoint: StreamEndpoint {
     private weak var partner: MuxStream?
+    /// Held apart from `partner`: a stream that has sent its end may be gone (and `partner` nil)
+    /// before the frame carrying that end has been flushed.
+    private weak var partnerSession: MuxSession?
 
-    init(partner: MuxStream) { self.partner = partner }
+    init(partner: MuxStream) {
+        self.partner = partner
+        partnerSession = partner.session
+    }
 
     func deliver(_ data: ByteBuffer) { partner?.send(data) }
     func deliverEnd() { partner?.finish() }
@@ -231,7 +237,7 @@ final class SpliceEndpoint: StreamEndpoint {
         // `own`'s window grew because its peer consumed bytes that came from `partner`.
         if bytes > 0 { partner?.consumed(bytes) }
     }
-    func flush() { partner?.session.flush() }
+    func flush() { partnerSession?.flush() }
 
     /// Splices two streams together.
     static func join(_ a: MuxStream, _ b: MuxStream) {

@@ -107,9 +107,11 @@ enum Harness {
             server, proxies: [Harness.tcp("slow", local: echo.port, remote: remote) { $0.bandwidthLimit = 512 * 1024 }])
         let started = Date()
         #expect(try Harness.echoRoundTrip(port: remote, Harness.randomData(1 << 20)))
-        // 1 MiB each way through a 512 KiB/s bucket shared by both directions: about 4 s.
+        // 1 MiB each way through a 512 KiB/s bucket shared by both directions. The bucket is
+        // charged after each read batch, so the last batch (up to a few hundred KiB) and the
+        // tenth-of-a-second burst go unpaid; the returning MiB alone still needs well over 1.2 s.
         let elapsed = Date().timeIntervalSince(started)
-        #expect(elapsed > 2.5 && elapsed < 30)
+        #expect(elapsed > 1.2 && elapsed < 30)
         await client.stop()
         await server.stop()
     }
