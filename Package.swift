@@ -14,6 +14,8 @@ let package = Package(
         .library(name: "VMM", targets: ["VMM"]),
         .executable(name: "nimbus-tunnel", targets: ["nimbus-tunnel"]),
         .library(name: "Tunnel", targets: ["Tunnel"]),
+        .executable(name: "nimbus-switchd", targets: ["nimbus-switchd"]),
+        .library(name: "OVSDB", targets: ["OVSDB"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -88,7 +90,31 @@ let package = Package(
         .executableTarget(
             name: "nimbus-tunnel",
             dependencies: [
-                "Tunnel", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "Tunnel", "LinuxSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // Layer 2: an OVSDB server (RFC 7047), generic over its schema, with ovsdb-server's file format.
+        .target(
+            name: "OVSDB",
+            dependencies: [
+                "LinuxSystem",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: strict),
+        // Layer 3: the virtual switch: reconciling the Open_vSwitch tables into bridges and ports.
+        .target(
+            name: "Switch",
+            dependencies: ["OVSDB", "LinuxSystem", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "nimbus-switchd",
+            dependencies: [
+                "Switch", "OVSDB", "LinuxSystem", .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             ],
@@ -126,6 +152,10 @@ let package = Package(
                 "Tunnel", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "SwitchTests",
+            dependencies: ["OVSDB", "Switch", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")],
             swiftSettings: strict),
         .testTarget(name: "TunnelNamespaceTests", dependencies: [], swiftSettings: strict),
         .testTarget(name: "NestedHostTests", dependencies: [], swiftSettings: strict),

@@ -213,3 +213,8 @@ public func renameFile(_ from: String, to: String) throws(SystemError) {
 public func removeFile(_ path: String) {
     unlink(path)
 }
+
+/// True if `path` names an existing file or directory (symbolic links followed).
+public func fileExists(_ path: String) -> Bool {
+    access(path, F_OK) == 0
+}

@@ -15,6 +15,13 @@ public enum Host {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 
+    /// Wall-clock time in milliseconds since the Unix epoch.
+    public static func wallClockMilliseconds() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+    }
+
     /// Sleeps the calling thread for `microseconds`.
     public static func sleep(microseconds: UInt32) {
         usleep(microseconds)

@@ -2,6 +2,7 @@
 // behind NAT; both read frp's TOML files. A thin layer over the Tunnel library.
 import ArgumentParser
 import Foundation
+import LinuxSystem
 import Logging
 import NIOCore
 import NIOPosix
@@ -139,40 +140,4 @@ func bootstrapLogging(_ level: String) {
         handler.logLevel = parsed
         return handler
     }
-}
-
-/// Returns when SIGTERM or SIGINT arrives.
-func waitForTermination() async {
-    signal(SIGTERM, SIG_IGN)
-    signal(SIGINT, SIG_IGN)
-    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-        let once = OnceFlag()
-        for number in [SIGTERM, SIGINT] {
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler {
-                if once.take() { continuation.resume() }
-            }
-            source.resume()
-            SignalSources.keep(source)
-        }
-    }
-}
-
-/// Lets exactly one caller through.
-final class OnceFlag: Sendable {
-    private let lock = NSLock()
-    nonisolated(unsafe) private var taken = false
-    func take() -> Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        if taken { return false }
-        taken = true
-        return true
-    }
-}
-
-/// Keeps signal sources alive for the life of the process.
-enum SignalSources {
-    nonisolated(unsafe) private static var sources: [DispatchSourceSignal] = []
-    static func keep(_ source: DispatchSourceSignal) { sources.append(source) }
 }

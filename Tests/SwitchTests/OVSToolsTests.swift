@@ -1,0 +1,178 @@
+// nimbus-switchd driven by the stock Open vSwitch tools (Debian's openvswitch-switch and
+// openvswitch-common): ovs-vsctl without --no-wait (so the switch must report cur_cfg),
+// ovsdb-client for raw transactions and monitors, ovsdb-tool reading the database file, and a
+// restart that keeps everything. No root needed: `lo` stands in for a system interface.
+// With NIMBUS_REQUIRE_PRIVILEGED=1 (CI) missing tools fail instead of skipping.
+import Foundation
+import Testing
+
+enum OVSTools {
+    static var root: URL {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    }
+    static var switchd: String {
+        ProcessInfo.processInfo.environment["NIMBUS_SWITCHD_BIN"] ?? root.appendingPathComponent(".build/debug/nimbus-switchd").path
+    }
+    static var required: Bool { ProcessInfo.processInfo.environment["NIMBUS_REQUIRE_PRIVILEGED"] == "1" }
+    static var installed: Bool {
+        ["/usr/bin/ovs-vsctl", "/usr/bin/ovsdb-client", "/usr/bin/ovsdb-tool"].allSatisfy { FileManager.default.isExecutableFile(atPath: $0) }
+    }
+    static var enabled: Bool { required || installed }
+
+    struct Output {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    @discardableResult
+    static func run(_ tool: String, _ arguments: [String], input: String? = nil) throws -> Output {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: tool.hasPrefix("/") ? tool : "/usr/bin/\(tool)")
+        process.arguments = arguments
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Output(
+            status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self), stderr: String(decoding: stderr, as: UTF8.self))
+    }
+}
+
+/// A nimbus-switchd process on a private directory.
+final class SwitchDaemon {
+    let directory: String
+    let process = Process()
+    var socket: String { directory + "/db.sock" }
+    var database: String { directory + "/conf.db" }
+
+    init(directory: String) throws {
+        self.directory = directory
+        process.executableURL = URL(fileURLWithPath: OVSTools.switchd)
+        process.arguments = ["--db", directory + "/conf.db", "--rundir", directory, "--remote", "punix:" + directory + "/db.sock"]
+        let log = FileHandle(forWritingAtPath: "/dev/null")
+        process.standardOutput = log
+        process.standardError = FileHandle(forWritingAtPath: directory + "/switchd.log") ?? log
+        try process.run()
+        for _ in 0..<100 where !FileManager.default.fileExists(atPath: socket) { Thread.sleep(forTimeInterval: 0.05) }
+        Thread.sleep(forTimeInterval: 0.1)
+    }
+
+    func vsctl(_ arguments: String...) throws -> OVSTools.Output {
+        try OVSTools.run("ovs-vsctl", ["--db=unix:" + socket, "--timeout=10"] + arguments)
+    }
+
+    func stop() -> Int32 {
+        process.terminate()
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+}
+
+@Suite(.enabled(if: OVSTools.enabled, "needs Open vSwitch's tools (openvswitch-switch)"), .serialized)
+struct OVSToolsTests {
+    func makeDirectory() throws -> String {
+        let path = NSTemporaryDirectory() + "nimbus-switchd-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        // The log file must exist before the daemon opens it.
+        FileManager.default.createFile(atPath: path + "/switchd.log", contents: nil)
+        return path
+    }
+
+    @Test func ovsVsctlDrivesTheSwitch() throws {
+        try #require(OVSTools.installed, "install openvswitch-switch (ovs-vsctl, ovsdb-client, ovsdb-tool)")
+        try #require(FileManager.default.isExecutableFile(atPath: OVSTools.switchd), "build nimbus-switchd first (scripts/test does)")
+        let directory = try makeDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let daemon = try SwitchDaemon(directory: directory)
+
+        // Plain ovs-vsctl waits until the switch has applied the change (cur_cfg = next_cfg).
+        #expect(try daemon.vsctl("add-br", "br0").status == 0)
+        #expect(try daemon.vsctl("add-port", "br0", "lo").status == 0)
+        let missing = try daemon.vsctl("add-port", "br0", "ghost0")
+        #expect(missing.stderr.contains("could not open network device ghost0 (No such device)"))
+        #expect(try daemon.vsctl("set", "Port", "lo", "tag=10").status == 0)
+        #expect(try daemon.vsctl("set", "Port", "lo", "trunks=10,20").status == 0)
+        #expect(
+            try daemon.vsctl(
+                "add-port", "br0", "vx1", "--", "set", "Interface", "vx1", "type=vxlan", "options:remote_ip=10.0.0.2", "options:key=100"
+            ).status == 0)
+        #expect(try daemon.vsctl("set-controller", "br0", "ptcp:16653:127.0.0.1").status == 0)
+        #expect(try daemon.vsctl("list-br").stdout == "br0\n")
+        #expect(try daemon.vsctl("list-ports", "br0").stdout == "ghost0\nlo\nvx1\n")
+        let show = try daemon.vsctl("show").stdout
+        for expected in ["Bridge br0", "Controller \"ptcp:16653:127.0.0.1\"", "tag: 10", "trunks: [10, 20]", "type: vxlan", "type: internal"] {
+            #expect(show.contains(expected), "\(expected) missing from:\n\(show)")
+        }
+        #expect(try daemon.vsctl("get", "Interface", "lo", "ofport").stdout == "1\n")
+        #expect(try daemon.vsctl("get", "Interface", "br0", "ofport").stdout == "65534\n")
+        #expect(try daemon.vsctl("get", "Interface", "ghost0", "ofport").stdout == "-1\n")
+        #expect(try daemon.vsctl("del-port", "br0", "ghost0").status == 0)
+        #expect(try daemon.vsctl("add-br", "br1").status == 0)
+        #expect(try daemon.vsctl("del-br", "br1").status == 0)
+        #expect(try daemon.vsctl("br-exists", "br1").status == 2)
+        let interfaces = try daemon.vsctl("--columns=name", "list", "Interface").stdout
+        #expect(interfaces.components(separatedBy: "name").count - 1 == 3)
+
+        // Raw RFC 7047 through ovsdb-client: errors are named, and rolled back.
+        let socket = "unix:" + daemon.socket
+        #expect(try OVSTools.run("ovsdb-client", ["list-dbs", socket]).stdout == "Open_vSwitch\n_Server\n")
+        let bad = try OVSTools.run(
+            "ovsdb-client",
+            [
+                "transact", socket,
+                #"["Open_vSwitch",{"op":"insert","table":"Bridge","row":{"name":"x","ports":["uuid","11111111-1111-1111-1111-111111111111"]}}]"#,
+            ])
+        #expect(bad.stdout.contains("referential integrity violation"))
+        let syntax = try OVSTools.run("ovsdb-client", ["transact", socket, #"["Open_vSwitch",{"op":"select","table":"Nope","where":[]}]"#])
+        #expect(syntax.stdout.contains("syntax error"))
+        // A client that sends garbage is cut off; the daemon goes on.
+        let garbage = try OVSTools.run(
+            "/usr/bin/python3",
+            [
+                "-c",
+                """
+                import socket; s = socket.socket(socket.AF_UNIX); s.connect("\(daemon.socket)"); s.sendall(b'}}}{'); print(s.recv(10))
+                """,
+            ])
+        #expect(garbage.stdout == "b''\n")
+        #expect(try daemon.vsctl("list-br").stdout == "br0\n")
+
+        // SIGTERM stops it cleanly; ovsdb-tool reads the file it left.
+        #expect(daemon.stop() == 0)
+        let query = try OVSTools.run(
+            "ovsdb-tool",
+            ["query", daemon.database, #"["Open_vSwitch",{"op":"select","table":"Port","where":[["name","==","lo"]],"columns":["tag","trunks"]}]"#])
+        #expect(query.stdout.contains(#""tag":10"#), "\(query)")
+
+        // A restart serves the same configuration, with the same port numbers.
+        let again = try SwitchDaemon(directory: directory)
+        #expect(try again.vsctl("list-ports", "br0").stdout == "lo\nvx1\n")
+        #expect(try again.vsctl("get", "Interface", "lo", "ofport").stdout == "1\n")
+        #expect(try again.vsctl("get", "Interface", "vx1", "ofport").stdout == "2\n")
+        #expect(again.stop() == 0)
+    }
+
+    @Test func servesAFileOvsdbServerWrote() throws {
+        try #require(OVSTools.installed, "install openvswitch-switch (ovs-vsctl, ovsdb-client, ovsdb-tool)")
+        try #require(FileManager.default.isExecutableFile(atPath: OVSTools.switchd), "build nimbus-switchd first (scripts/test does)")
+        let directory = try makeDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        // ovsdb-tool writes the file exactly as ovsdb-server would.
+        #expect(try OVSTools.run("ovsdb-tool", ["create", directory + "/conf.db", "/usr/share/openvswitch/vswitch.ovsschema"]).status == 0)
+        let insert =
+            #"["Open_vSwitch",{"op":"insert","table":"Open_vSwitch","row":{"bridges":["named-uuid","b"]}},"#
+            + #"{"op":"insert","table":"Bridge","uuid-name":"b","row":{"name":"legacy"}}]"#
+        #expect(try OVSTools.run("ovsdb-tool", ["transact", directory + "/conf.db", insert]).status == 0)
+        let daemon = try SwitchDaemon(directory: directory)
+        #expect(try daemon.vsctl("list-br").stdout == "legacy\n")
+        #expect(try daemon.vsctl("add-port", "legacy", "lo").status == 0)
+        #expect(daemon.stop() == 0)
+        #expect(try OVSTools.run("ovsdb-tool", ["show-log", directory + "/conf.db"]).status == 0)
+    }
+}
