@@ -109,7 +109,10 @@ let package = Package(
         // Layer 3: the virtual switch: reconciling the Open_vSwitch tables into bridges and ports.
         .target(
             name: "Switch",
-            dependencies: ["OVSDB", "LinuxSystem", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "OVSDB", "LinuxSystem", .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            ],
             swiftSettings: strict),
         .executableTarget(
             name: "nimbus-switchd",

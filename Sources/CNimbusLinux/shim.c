@@ -16,6 +16,10 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <linux/if_ether.h>
+#include <netinet/in.h>
 
 int nimbus_ioctl_ptr(int fd, unsigned long request, void *argument) { return ioctl(fd, request, argument); }
 int nimbus_ioctl_val(int fd, unsigned long request, unsigned long argument) { return ioctl(fd, request, argument); }
@@ -141,3 +145,189 @@ int nimbus_unix_listen(const char *path, int backlog) {
 }
 
 int nimbus_accept_nonblocking(int fd) { return accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }
+
+// MARK: switch ports
+
+static int nimbus_if_request(const char *name, struct ifreq *request) {
+    memset(request, 0, sizeof *request);
+    if (strlen(name) >= IFNAMSIZ) { errno = ENAMETOOLONG; return -1; }
+    strncpy(request->ifr_name, name, IFNAMSIZ - 1);
+    return 0;
+}
+
+int nimbus_if_index(const char *name) { return (int)if_nametoindex(name); }
+
+int nimbus_if_set_up(const char *name) {
+    struct ifreq request;
+    if (nimbus_if_request(name, &request) != 0) return -1;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int result = ioctl(fd, SIOCGIFFLAGS, &request);
+    if (result == 0) {
+        request.ifr_flags |= IFF_UP;
+        result = ioctl(fd, SIOCSIFFLAGS, &request);
+    }
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return result;
+}
+
+int nimbus_if_set_mtu(const char *name, int mtu) {
+    struct ifreq request;
+    if (nimbus_if_request(name, &request) != 0) return -1;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    request.ifr_mtu = mtu;
+    int result = ioctl(fd, SIOCSIFMTU, &request);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return result;
+}
+
+int nimbus_packet_socket(int ifindex, int vnet_header) {
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, htons(ETH_P_ALL));
+    if (fd < 0) return -1;
+    int one = 1;
+    int size = 4 << 20;
+    if ((vnet_header && setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof one) != 0) ||
+        setsockopt(fd, SOL_PACKET, PACKET_AUXDATA, &one, sizeof one) != 0 ||
+        setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof one) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    struct sockaddr_ll address;
+    memset(&address, 0, sizeof address);
+    address.sll_family = AF_PACKET;
+    address.sll_protocol = htons(ETH_P_ALL);
+    address.sll_ifindex = ifindex;
+    if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+#define NIMBUS_BATCH_MAX 64
+
+int nimbus_frames_recv(int fd, struct nimbus_frame *frames, int count, uint32_t capacity) {
+    if (count > NIMBUS_BATCH_MAX) count = NIMBUS_BATCH_MAX;
+    struct mmsghdr messages[NIMBUS_BATCH_MAX];
+    struct iovec vectors[NIMBUS_BATCH_MAX];
+    union {
+        char buffer[CMSG_SPACE(sizeof(struct tpacket_auxdata))];
+        struct cmsghdr align;
+    } controls[NIMBUS_BATCH_MAX];
+    memset(messages, 0, sizeof(struct mmsghdr) * (size_t)count);
+    for (int i = 0; i < count; i++) {
+        vectors[i].iov_base = frames[i].data;
+        vectors[i].iov_len = capacity;
+        messages[i].msg_hdr.msg_iov = &vectors[i];
+        messages[i].msg_hdr.msg_iovlen = 1;
+        messages[i].msg_hdr.msg_control = controls[i].buffer;
+        messages[i].msg_hdr.msg_controllen = sizeof controls[i].buffer;
+    }
+    int received = recvmmsg(fd, messages, (unsigned)count, MSG_DONTWAIT, NULL);
+    if (received < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    for (int i = 0; i < received; i++) {
+        frames[i].length = messages[i].msg_len;
+        frames[i].vlan_tci = 0;
+        if (messages[i].msg_hdr.msg_flags & MSG_TRUNC) frames[i].length = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&messages[i].msg_hdr); c; c = CMSG_NXTHDR(&messages[i].msg_hdr, c)) {
+            if (c->cmsg_level == SOL_PACKET && c->cmsg_type == PACKET_AUXDATA) {
+                struct tpacket_auxdata aux;
+                memcpy(&aux, CMSG_DATA(c), sizeof aux);
+                if (aux.tp_status & TP_STATUS_VLAN_VALID) frames[i].vlan_tci = 0x10000u | aux.tp_vlan_tci;
+            }
+        }
+    }
+    return received;
+}
+
+static int nimbus_frames_sendto(int fd, const struct nimbus_frame *frames, int count, const uint32_t *destinations, uint16_t port) {
+    if (count > NIMBUS_BATCH_MAX) count = NIMBUS_BATCH_MAX;
+    struct mmsghdr messages[NIMBUS_BATCH_MAX];
+    struct iovec vectors[NIMBUS_BATCH_MAX][2];
+    struct sockaddr_in addresses[NIMBUS_BATCH_MAX];
+    memset(messages, 0, sizeof(struct mmsghdr) * (size_t)count);
+    for (int i = 0; i < count; i++) {
+        vectors[i][0].iov_base = frames[i].data;
+        vectors[i][0].iov_len = frames[i].length;
+        vectors[i][1].iov_base = frames[i].tail;
+        vectors[i][1].iov_len = frames[i].tail_length;
+        messages[i].msg_hdr.msg_iov = vectors[i];
+        messages[i].msg_hdr.msg_iovlen = frames[i].tail_length > 0 ? 2 : 1;
+        if (destinations) {
+            memset(&addresses[i], 0, sizeof addresses[i]);
+            addresses[i].sin_family = AF_INET;
+            addresses[i].sin_port = htons(port);
+            addresses[i].sin_addr.s_addr = destinations[i];
+            messages[i].msg_hdr.msg_name = &addresses[i];
+            messages[i].msg_hdr.msg_namelen = sizeof addresses[i];
+        }
+    }
+    int sent = sendmmsg(fd, messages, (unsigned)count, MSG_DONTWAIT);
+    if (sent < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) ? 0 : -1;
+    return sent;
+}
+
+int nimbus_frames_send(int fd, const struct nimbus_frame *frames, int count) {
+    return nimbus_frames_sendto(fd, frames, count, NULL, 0);
+}
+
+int nimbus_udp4_socket(uint16_t port) {
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    int one = 1;
+    int size = 4 << 20;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    struct sockaddr_in address;
+    memset(&address, 0, sizeof address);
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int nimbus_udp4_recv(int fd, struct nimbus_frame *frames, uint32_t *sources, int count, uint32_t capacity) {
+    if (count > NIMBUS_BATCH_MAX) count = NIMBUS_BATCH_MAX;
+    struct mmsghdr messages[NIMBUS_BATCH_MAX];
+    struct iovec vectors[NIMBUS_BATCH_MAX];
+    struct sockaddr_in addresses[NIMBUS_BATCH_MAX];
+    memset(messages, 0, sizeof(struct mmsghdr) * (size_t)count);
+    for (int i = 0; i < count; i++) {
+        vectors[i].iov_base = frames[i].data;
+        vectors[i].iov_len = capacity;
+        messages[i].msg_hdr.msg_iov = &vectors[i];
+        messages[i].msg_hdr.msg_iovlen = 1;
+        messages[i].msg_hdr.msg_name = &addresses[i];
+        messages[i].msg_hdr.msg_namelen = sizeof addresses[i];
+    }
+    int received = recvmmsg(fd, messages, (unsigned)count, MSG_DONTWAIT, NULL);
+    if (received < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    for (int i = 0; i < received; i++) {
+        frames[i].length = (messages[i].msg_hdr.msg_flags & MSG_TRUNC) ? 0 : messages[i].msg_len;
+        frames[i].vlan_tci = 0;
+        sources[i] = addresses[i].sin_addr.s_addr;
+    }
+    return received;
+}
+
+int nimbus_udp4_send(int fd, const struct nimbus_frame *frames, const uint32_t *destinations, int count, uint16_t port) {
+    return nimbus_frames_sendto(fd, frames, count, destinations, port);
+}

@@ -53,8 +53,9 @@ public final class Reconciler {
     public private(set) var bridges: [String: SwitchBridge] = [:]
     /// Ports keep their numbers across reconciliations: bridge → interface → ofport.
     private var assigned: [String: [String: Int]] = [:]
-    /// Called with the new bridge set after each reconciliation (the datapath applies it).
-    public var onChange: (([String: SwitchBridge]) -> Void)?
+    /// Applies the new bridge set to the datapath after each reconciliation; returns errors of
+    /// ports that could not be opened (bridge → interface → message).
+    public var apply: (([String: SwitchBridge]) -> [String: [String: String]])?
     private var reconciling = false
 
     public init(host: HostInterfaces, logger: Logger) {
@@ -106,6 +107,7 @@ public final class Reconciler {
         guard let root = db.rows("Open_vSwitch").first else { return }
 
         var next: [String: SwitchBridge] = [:]
+        var interfaceRowsByName: [String: [String: Row]] = [:]
         var interfaceUpdates: [(RowUUID, Int, String?)] = []
         var bridgeUpdates: [(RowUUID, String)] = []
         for bridgeUUID in uuids(root["bridges"]) {
@@ -113,8 +115,10 @@ public final class Reconciler {
             var used = Set(assigned[name]?.values.map { $0 } ?? [])
             var numbers = assigned[name] ?? [:]
             var ports: [String: SwitchPort] = [:]
+            // Ports in name order, so numbering does not depend on row UUIDs.
+            let portUUIDs = uuids(bridge["ports"]).sorted { (string(portRows[$0]?["name"]) ?? "") < (string(portRows[$1]?["name"]) ?? "") }
             // Numbers the rows kept from before a restart are claimed before any new port is numbered.
-            for portUUID in uuids(bridge["ports"]) {
+            for portUUID in portUUIDs {
                 for interfaceUUID in uuids(portRows[portUUID]?["interfaces"]) {
                     guard let interface = interfaceRows[interfaceUUID], let interfaceName = string(interface["name"]),
                         numbers[interfaceName] == nil, let previous = integer(interface["ofport"]), previous > 0,
@@ -124,7 +128,7 @@ public final class Reconciler {
                     used.insert(previous)
                 }
             }
-            for portUUID in uuids(bridge["ports"]) {
+            for portUUID in portUUIDs {
                 guard let port = portRows[portUUID] else { continue }
                 let tag = integer(port["tag"])
                 let trunks = (port["trunks"]?.keys ?? []).compactMap { if case .integer(let v) = $0 { Int(v) } else { nil } }
@@ -162,9 +166,7 @@ public final class Reconciler {
                     ports[interfaceName] = SwitchPort(
                         name: interfaceName, type: type, ofport: ofport, tag: tag, trunks: trunks, vlanMode: vlanMode, options: options,
                         error: error)
-                    if integer(interface["ofport"]) != ofport || string(interface["error"]) != error {
-                        interfaceUpdates.append((interfaceUUID, ofport, error))
-                    }
+                    interfaceRowsByName[name, default: [:]][interfaceName] = interface
                 }
             }
             numbers = numbers.filter { ports[$0.key]?.error == nil && ports[$0.key] != nil }
@@ -177,8 +179,23 @@ public final class Reconciler {
         }
         for name in assigned.keys where next[name] == nil { assigned[name] = nil }
         if next != bridges {
+            let failures = apply?(next) ?? [:]
+            for (bridge, errors) in failures {
+                for (interface, error) in errors {
+                    next[bridge]?.ports[interface]?.error = error
+                    next[bridge]?.ports[interface]?.ofport = -1
+                    assigned[bridge]?[interface] = nil
+                }
+            }
             bridges = next
-            onChange?(next)
+        }
+        for (bridgeName, bridge) in bridges {
+            for (interfaceName, port) in bridge.ports {
+                guard let row = interfaceRowsByName[bridgeName]?[interfaceName] else { continue }
+                if integer(row["ofport"]) != port.ofport || string(row["error"]) != port.error {
+                    interfaceUpdates.append((row.uuid, port.ofport, port.error))
+                }
+            }
         }
 
         var operations: [JSON] = []

@@ -94,8 +94,22 @@ struct NimbusSwitchd: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let server = try await OVSDBServer.start(databases: [served], remotes: parsed, group: group, logger: logger)
         let switchLogger = Logger(label: "nimbus-switchd.switch")
+        let manager = BridgeManager(logger: switchLogger)
+        let loop = server.loop
+        let rundir = rundir
+        let openFlow = OpenFlowServer(loop: loop, manager: manager, rundir: rundir, flowFile: db.map { $0 + ".flows" }, logger: switchLogger)
         try await server.withCore { core in
+            let saved = openFlow.savedTables()
+            manager.initialTables = { saved[$0] }
+            manager.datapathCreated = { bridge, datapath in
+                datapath.onPacketIn = { loop.execute { openFlow.deliverPacketIns(bridge: bridge) } }
+            }
             let reconciler = Reconciler(host: SysfsInterfaces(), logger: switchLogger)
+            reconciler.apply = { bridges in
+                let failures = manager.apply(bridges)
+                openFlow.update(bridges: bridges)
+                return failures
+            }
             core.commitObservers.append { [unowned core] database, commit in
                 reconciler.committed(core, database: database, commit: commit)
             }
@@ -105,6 +119,10 @@ struct NimbusSwitchd: AsyncParsableCommand {
         await waitForTermination()
         logger.info("shutting down")
         await server.stop()
+        _ = try? await server.withCore { _ in
+            openFlow.stop()
+            manager.stopAll()
+        }
         try? await group.shutdownGracefully()
     }
 }

@@ -162,6 +162,44 @@ int nimbus_unix_listen(const char *path, int backlog);
 /// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC. Returns the fd or -1 with errno.
 int nimbus_accept_nonblocking(int fd);
 
+// MARK: switch ports
+
+/// One frame in a batch for `nimbus_frames_recv`/`nimbus_frames_send`: `data` points at the
+/// frame's first byte (its virtio-net header when the socket has one), `length` is its size.
+/// On receive `vlan_tci` is the tag the kernel took off the frame (bit 16 set when present).
+/// On send, a frame may be given as two pieces (`data`/`length` then `tail`/`tail_length`) so a
+/// VLAN tag can be inserted or removed without copying.
+struct nimbus_frame {
+    uint8_t *_Nullable data;
+    uint32_t length;
+    uint32_t vlan_tci;
+    uint8_t *_Nullable tail;
+    uint32_t tail_length;
+};
+
+/// The index of network interface `name`, or 0 with errno.
+int nimbus_if_index(const char *name);
+/// Brings interface `name` up (IFF_UP). Returns 0 or -1 with errno.
+int nimbus_if_set_up(const char *name);
+/// Sets interface `name`'s MTU. Returns 0 or -1 with errno.
+int nimbus_if_set_mtu(const char *name, int mtu);
+/// A non-blocking AF_PACKET socket bound to interface `ifindex` that sees every frame the
+/// interface receives (not the ones sent through it), with a 10-byte virtio-net header on each
+/// frame when `vnet_header` (so TSO and checksum offloads pass through) and the kernel's
+/// VLAN tags reported beside the frame. Returns the fd or -1 with errno.
+int nimbus_packet_socket(int ifindex, int vnet_header);
+/// Receives up to `count` frames (recvmmsg): each `frames[i].data` must hold `capacity` bytes.
+/// Returns the number received (0 when none is waiting) or -1 with errno.
+int nimbus_frames_recv(int fd, struct nimbus_frame *frames, int count, uint32_t capacity);
+/// Sends up to `count` frames (sendmmsg); returns the number sent or -1 with errno.
+int nimbus_frames_send(int fd, const struct nimbus_frame *frames, int count);
+/// A non-blocking UDP socket bound to `port` on all IPv4 addresses (for VXLAN). Returns the fd or -1.
+int nimbus_udp4_socket(uint16_t port);
+/// Receives up to `count` datagrams; `sources[i]` gets each sender's IPv4 address (network order).
+int nimbus_udp4_recv(int fd, struct nimbus_frame *frames, uint32_t *sources, int count, uint32_t capacity);
+/// Sends `frames[i]` as one datagram each to `destinations[i]`:`port` (IPv4, network order).
+int nimbus_udp4_send(int fd, const struct nimbus_frame *frames, const uint32_t *destinations, int count, uint16_t port);
+
 #pragma clang assume_nonnull end
 
 // MARK: sizes checked at compile time against what the Swift side assumes.

@@ -1,0 +1,429 @@
+// LinuxSystem (layer 1): Ethernet frames for the virtual switch. A `FrameBatch` owns the memory
+// for a batch of frames and gives checked access to their bytes; AF_PACKET sockets, TAP devices
+// and UDP sockets (VXLAN) fill batches and send frames from them in one system call per batch.
+// Each frame sits after `headroom` bytes, so headers (a VLAN tag, a VXLAN encapsulation, the
+// virtio-net header for offloads) can be put in front of it without copying the frame.
+import CNimbusLinux
+import Glibc
+
+/// The 10-byte virtio-net header that carries checksum and segmentation offload state.
+public struct VirtioNetHeader: Sendable, Equatable {
+    public static let size = 10
+    public static let needsChecksum: UInt8 = 1
+    public static let gsoNone: UInt8 = 0
+    public static let gsoTCPv4: UInt8 = 1
+    public static let gsoUDP: UInt8 = 3
+    public static let gsoTCPv6: UInt8 = 4
+
+    public var flags: UInt8 = 0
+    public var gsoType: UInt8 = 0
+    public var headerLength: UInt16 = 0
+    public var gsoSize: UInt16 = 0
+    public var checksumStart: UInt16 = 0
+    public var checksumOffset: UInt16 = 0
+
+    public init() {}
+
+    public init(
+        flags: UInt8, gsoType: UInt8, headerLength: UInt16, gsoSize: UInt16, checksumStart: UInt16, checksumOffset: UInt16
+    ) {
+        self.flags = flags
+        self.gsoType = gsoType
+        self.headerLength = headerLength
+        self.gsoSize = gsoSize
+        self.checksumStart = checksumStart
+        self.checksumOffset = checksumOffset
+    }
+}
+
+/// A batch of frames in one block of memory.
+public final class FrameBatch {
+    public static let headroom = 128
+    /// Frames: how many the batch holds, and the largest one (a 64 KiB TSO frame plus headers).
+    public let capacity: Int
+    public let frameCapacity: Int
+    private let slotSize: Int
+    private let memory: UnsafeMutableRawBufferPointer
+    public private(set) var count = 0
+    /// Offset of each frame's first byte (its Ethernet header) within its slot.
+    private var starts: [Int]
+    private var lengths: [Int]
+    /// The VLAN tag the kernel took off the frame (bit 16 set when present).
+    public private(set) var kernelTags: [UInt32]
+    /// Each frame's offload state (all zero for sockets without virtio-net headers).
+    public var headers: [VirtioNetHeader]
+    /// For UDP batches: each datagram's source IPv4 address, network byte order.
+    public private(set) var sources: [UInt32]
+
+    public init(capacity: Int = 32, frameCapacity: Int = 65536 + 64) {
+        self.capacity = capacity
+        self.frameCapacity = frameCapacity
+        slotSize = (Self.headroom + frameCapacity + 63) & ~63
+        // SAFETY: a fresh allocation owned by this object and freed in deinit; every access goes
+        // through `slot(_:)` bounds checks below.
+        memory = UnsafeMutableRawBufferPointer.allocate(byteCount: slotSize * capacity, alignment: 64)
+        starts = Array(repeating: Self.headroom, count: capacity)
+        lengths = Array(repeating: 0, count: capacity)
+        kernelTags = Array(repeating: 0, count: capacity)
+        headers = Array(repeating: VirtioNetHeader(), count: capacity)
+        sources = Array(repeating: 0, count: capacity)
+    }
+
+    deinit { memory.deallocate() }
+
+    public func length(_ index: Int) -> Int { lengths[index] }
+
+    /// Forgets every frame.
+    public func reset() { count = 0 }
+
+    // MARK: checked access (offsets are relative to the frame's first byte)
+
+    public func byte(_ index: Int, _ offset: Int) -> UInt8 {
+        guard offset >= 0, offset < lengths[index] else { return 0 }
+        return memory[index * slotSize + starts[index] + offset]
+    }
+
+    public func u16(_ index: Int, _ offset: Int) -> UInt16 {
+        UInt16(byte(index, offset)) << 8 | UInt16(byte(index, offset + 1))
+    }
+
+    public func u32(_ index: Int, _ offset: Int) -> UInt32 {
+        UInt32(u16(index, offset)) << 16 | UInt32(u16(index, offset + 2))
+    }
+
+    public func setByte(_ index: Int, _ offset: Int, _ value: UInt8) {
+        guard offset >= 0, offset < lengths[index] else { return }
+        memory[index * slotSize + starts[index] + offset] = value
+    }
+
+    public func setU16(_ index: Int, _ offset: Int, _ value: UInt16) {
+        setByte(index, offset, UInt8(value >> 8))
+        setByte(index, offset + 1, UInt8(value & 0xFF))
+    }
+
+    public func setU32(_ index: Int, _ offset: Int, _ value: UInt32) {
+        setU16(index, offset, UInt16(value >> 16))
+        setU16(index, offset + 2, UInt16(value & 0xFFFF))
+    }
+
+    public func bytes(_ index: Int, _ range: Range<Int>) -> [UInt8] {
+        let clamped = range.clamped(to: 0..<lengths[index])
+        let base = index * slotSize + starts[index]
+        return Array(memory[(base + clamped.lowerBound)..<(base + clamped.upperBound)])
+    }
+
+    /// Appends a frame with these bytes; false if the batch is full or the frame too large.
+    @discardableResult
+    public func append(_ frame: [UInt8], header: VirtioNetHeader = VirtioNetHeader()) -> Bool {
+        guard count < capacity, frame.count <= frameCapacity else { return false }
+        let index = count
+        starts[index] = Self.headroom
+        lengths[index] = frame.count
+        headers[index] = header
+        kernelTags[index] = 0
+        let base = index * slotSize + Self.headroom
+        // SAFETY: base + frame.count ≤ slot end, checked by the frameCapacity guard above.
+        frame.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: memory[base..<(base + frame.count)]).copyMemory(from: $0) }
+        count += 1
+        return true
+    }
+
+    /// Copies frame `index` of `other` (with its header) into this batch; its new index, or nil if full.
+    public func appendCopy(of index: Int, from other: FrameBatch) -> Int? {
+        guard count < capacity, other.lengths[index] <= frameCapacity else { return nil }
+        let target = count
+        starts[target] = Self.headroom
+        lengths[target] = other.lengths[index]
+        headers[target] = other.headers[index]
+        kernelTags[target] = 0
+        let from = index * other.slotSize + other.starts[index]
+        let to = target * slotSize + Self.headroom
+        // SAFETY: both ranges lie inside their slots (lengths are bounded by frameCapacity).
+        UnsafeMutableRawBufferPointer(rebasing: memory[to..<(to + lengths[target])])
+            .copyMemory(from: UnsafeRawBufferPointer(rebasing: other.memory[from..<(from + lengths[target])]))
+        count += 1
+        return target
+    }
+
+    /// Inserts `bytes` at `offset` (a VLAN tag after the MAC addresses, an encapsulation at 0) by
+    /// moving the bytes before `offset` into the headroom. False if there is no room.
+    @discardableResult
+    public func insert(_ index: Int, at offset: Int, _ bytes: [UInt8]) -> Bool {
+        guard offset >= 0, offset <= lengths[index], starts[index] - bytes.count >= VirtioNetHeader.size else { return false }
+        let base = index * slotSize
+        let oldStart = base + starts[index]
+        let newStart = oldStart - bytes.count
+        // SAFETY: newStart ≥ base + header size (checked); the moved range stays inside the slot.
+        if offset > 0 {
+            UnsafeMutableRawBufferPointer(rebasing: memory[newStart..<(newStart + offset)])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[oldStart..<(oldStart + offset)]))
+        }
+        for (position, byte) in bytes.enumerated() { memory[newStart + offset + position] = byte }
+        starts[index] -= bytes.count
+        lengths[index] += bytes.count
+        return true
+    }
+
+    /// Removes `count` bytes at `offset` (a VLAN tag, an encapsulation) by moving the bytes before them.
+    public func remove(_ index: Int, at offset: Int, count removed: Int) {
+        guard offset >= 0, removed > 0, offset + removed <= lengths[index] else { return }
+        let oldStart = index * slotSize + starts[index]
+        let newStart = oldStart + removed
+        if offset > 0 {
+            // SAFETY: both ranges are inside the frame; copyMemory handles the overlap as memmove.
+            UnsafeMutableRawBufferPointer(rebasing: memory[newStart..<(newStart + offset)])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[oldStart..<(oldStart + offset)]))
+        }
+        starts[index] += removed
+        lengths[index] -= removed
+    }
+
+    /// Shortens frame `index` to `length` bytes.
+    public func truncate(_ index: Int, to length: Int) {
+        if length >= 0, length < lengths[index] { lengths[index] = length }
+    }
+
+    // MARK: I/O
+
+    private func prepareReceive(_ frames: inout [nimbus_frame], headerBytes: Int) {
+        frames.removeAll(keepingCapacity: true)
+        for index in 0..<capacity {
+            // SAFETY: each slot has slotSize bytes from its start; the kernel writes at most
+            // frameCapacity + header bytes from headroom - header, which is inside the slot.
+            let pointer = memory.baseAddress.map { $0 + index * slotSize + Self.headroom - headerBytes }
+            frames.append(nimbus_frame(data: pointer?.assumingMemoryBound(to: UInt8.self), length: 0, vlan_tci: 0, tail: nil, tail_length: 0))
+        }
+    }
+
+    private func finishReceive(_ frames: [nimbus_frame], received: Int, headerBytes: Int) {
+        count = 0
+        for index in 0..<received {
+            let total = Int(frames[index].length)
+            guard total >= headerBytes + 14 else { continue }
+            let target = count
+            if target != index {
+                // Keep frames dense: move this one's bytes into the first free slot.
+                let from = index * slotSize + Self.headroom - headerBytes
+                let to = target * slotSize + Self.headroom - headerBytes
+                // SAFETY: both ranges are inside their slots (total ≤ header + frameCapacity).
+                UnsafeMutableRawBufferPointer(rebasing: memory[to..<(to + total)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[from..<(from + total)]))
+            }
+            starts[target] = Self.headroom
+            lengths[target] = total - headerBytes
+            kernelTags[target] = frames[index].vlan_tci
+            headers[target] = headerBytes > 0 ? readHeader(target) : VirtioNetHeader()
+            count += 1
+        }
+    }
+
+    private func readHeader(_ index: Int) -> VirtioNetHeader {
+        let base = index * slotSize + starts[index] - VirtioNetHeader.size
+        func le16(_ offset: Int) -> UInt16 { UInt16(memory[base + offset]) | UInt16(memory[base + offset + 1]) << 8 }
+        return VirtioNetHeader(
+            flags: memory[base], gsoType: memory[base + 1], headerLength: le16(2), gsoSize: le16(4), checksumStart: le16(6),
+            checksumOffset: le16(8))
+    }
+
+    /// Writes frame `index`'s header into the 10 bytes before it.
+    fileprivate func writeHeader(_ index: Int) {
+        let base = index * slotSize + starts[index] - VirtioNetHeader.size
+        let header = headers[index]
+        memory[base] = header.flags
+        memory[base + 1] = header.gsoType
+        for (offset, value) in [(2, header.headerLength), (4, header.gsoSize), (6, header.checksumStart), (8, header.checksumOffset)] {
+            memory[base + offset] = UInt8(value & 0xFF)
+            memory[base + offset + 1] = UInt8(value >> 8)
+        }
+    }
+
+    fileprivate func descriptor(_ index: Int, headerBytes: Int) -> nimbus_frame {
+        if headerBytes > 0 { writeHeader(index) }
+        let offset = index * slotSize + starts[index] - headerBytes
+        // SAFETY: the pointer and length describe bytes inside this frame's slot.
+        let pointer = memory.baseAddress.map { ($0 + offset).assumingMemoryBound(to: UInt8.self) }
+        return nimbus_frame(data: pointer, length: UInt32(lengths[index] + headerBytes), vlan_tci: 0, tail: nil, tail_length: 0)
+    }
+
+    private var scratch: [nimbus_frame] = []
+    private var scratchSources: [UInt32] = []
+
+    /// Receives up to `capacity` frames from an AF_PACKET socket; returns how many.
+    public func receive(from socket: PacketSocket) throws(SystemError) -> Int {
+        let headerBytes = socket.vnetHeader ? VirtioNetHeader.size : 0
+        prepareReceive(&scratch, headerBytes: headerBytes)
+        let capacityBytes = UInt32(frameCapacity + headerBytes)
+        let received = try scratch.withUnsafeMutableBufferPointer { frames throws(SystemError) -> Int in
+            // SAFETY: `frames` holds `capacity` descriptors, each pointing at capacityBytes of its slot.
+            guard let base = frames.baseAddress else { return 0 }
+            let result = nimbus_frames_recv(socket.descriptor.rawValue, base, Int32(capacity), capacityBytes)
+            guard result >= 0 else { throw SystemError(call: "recvmmsg", subject: socket.name, errno: errno) }
+            return Int(result)
+        }
+        finishReceive(scratch, received: received, headerBytes: headerBytes)
+        return count
+    }
+
+    /// Reads up to `capacity` frames from a TAP device opened with 10-byte virtio-net headers.
+    public func receive(fromTap tap: OwnedFileDescriptor) throws(SystemError) -> Int {
+        prepareReceive(&scratch, headerBytes: VirtioNetHeader.size)
+        var received = 0
+        while received < capacity {
+            guard let pointer = scratch[received].data else { break }
+            // SAFETY: reads at most frameCapacity + header bytes into this frame's slot.
+            let n = Glibc.read(tap.rawValue, pointer, frameCapacity + VirtioNetHeader.size)
+            if n < 0 {
+                if errno == EAGAIN || errno == EWOULDBLOCK { break }
+                if errno == EINTR { continue }
+                throw SystemError(call: "read", subject: "tap", errno: errno)
+            }
+            scratch[received].length = UInt32(n)
+            received += 1
+        }
+        finishReceive(scratch, received: received, headerBytes: VirtioNetHeader.size)
+        return count
+    }
+
+    /// Receives up to `capacity` UDP datagrams (VXLAN); `sources` gets each sender.
+    public func receive(fromUDP socket: OwnedFileDescriptor) throws(SystemError) -> Int {
+        prepareReceive(&scratch, headerBytes: 0)
+        if scratchSources.count < capacity { scratchSources = Array(repeating: 0, count: capacity) }
+        let capacityBytes = UInt32(frameCapacity)
+        let received = try scratch.withUnsafeMutableBufferPointer { frames throws(SystemError) -> Int in
+            try scratchSources.withUnsafeMutableBufferPointer { sources throws(SystemError) -> Int in
+                // SAFETY: both arrays hold `capacity` entries; each frame points at its own slot.
+                guard let base = frames.baseAddress, let addresses = sources.baseAddress else { return 0 }
+                let result = nimbus_udp4_recv(socket.rawValue, base, addresses, Int32(capacity), capacityBytes)
+                guard result >= 0 else { throw SystemError(call: "recvmmsg", subject: "udp", errno: errno) }
+                return Int(result)
+            }
+        }
+        // Datagrams have no minimum of 14 bytes here: keep all of them.
+        count = 0
+        for index in 0..<received where scratch[index].length > 0 {
+            starts[count] = Self.headroom
+            lengths[count] = Int(scratch[index].length)
+            headers[count] = VirtioNetHeader()
+            sources[count] = scratchSources[index]
+            if count != index {
+                let from = index * slotSize + Self.headroom
+                let to = count * slotSize + Self.headroom
+                // SAFETY: both ranges are inside their slots.
+                UnsafeMutableRawBufferPointer(rebasing: memory[to..<(to + lengths[count])])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[from..<(from + lengths[count])]))
+            }
+            count += 1
+        }
+        return count
+    }
+}
+
+/// A frame inside some batch, queued for sending.
+public struct FrameRef {
+    public let batch: FrameBatch
+    public let index: Int
+
+    public init(_ batch: FrameBatch, _ index: Int) {
+        self.batch = batch
+        self.index = index
+    }
+}
+
+/// An AF_PACKET socket on one interface (a veth end or any kernel interface).
+public final class PacketSocket {
+    public let name: String
+    public let descriptor: OwnedFileDescriptor
+    public let vnetHeader: Bool
+
+    public init(interface name: String, vnetHeader: Bool = true) throws(SystemError) {
+        let index = nimbus_if_index(name)
+        guard index > 0 else { throw SystemError(call: "if_nametoindex", subject: name, errno: errno) }
+        let fd = nimbus_packet_socket(index, vnetHeader ? 1 : 0)
+        guard fd >= 0 else { throw SystemError(call: "socket(AF_PACKET)", subject: name, errno: errno) }
+        self.name = name
+        descriptor = OwnedFileDescriptor(taking: fd)
+        self.vnetHeader = vnetHeader
+    }
+
+    private var pending: [nimbus_frame] = []
+
+    /// Sends frames; returns how many went (the rest are dropped, as a full NIC queue would).
+    @discardableResult
+    public func send(_ frames: [FrameRef]) -> Int {
+        let headerBytes = vnetHeader ? VirtioNetHeader.size : 0
+        pending.removeAll(keepingCapacity: true)
+        for frame in frames { pending.append(frame.batch.descriptor(frame.index, headerBytes: headerBytes)) }
+        var sent = 0
+        while sent < pending.count {
+            let batch = min(64, pending.count - sent)
+            let result = pending.withUnsafeBufferPointer { all -> Int32 in
+                // SAFETY: `batch` descriptors from `sent` on, each pointing into a live FrameBatch.
+                guard let base = all.baseAddress else { return 0 }
+                return nimbus_frames_send(descriptor.rawValue, base + sent, Int32(batch))
+            }
+            if result <= 0 { break }
+            sent += Int(result)
+        }
+        return sent
+    }
+}
+
+extension TapDevice {
+    /// Writes frames to a TAP opened with 10-byte virtio-net headers; returns how many went.
+    @discardableResult
+    public static func send(_ tap: OwnedFileDescriptor, _ frames: [FrameRef]) -> Int {
+        var sent = 0
+        for frame in frames {
+            let descriptor = frame.batch.descriptor(frame.index, headerBytes: VirtioNetHeader.size)
+            guard let data = descriptor.data else { continue }
+            // SAFETY: `data` points at `length` bytes inside the frame's slot.
+            let n = Glibc.write(tap.rawValue, data, Int(descriptor.length))
+            if n < 0 { break }
+            sent += 1
+        }
+        return sent
+    }
+}
+
+/// A UDP socket for VXLAN.
+public enum UDPSocket {
+    public static func bind(port: UInt16) throws(SystemError) -> OwnedFileDescriptor {
+        let fd = nimbus_udp4_socket(port)
+        guard fd >= 0 else { throw SystemError(call: "bind(udp)", subject: "port \(port)", errno: errno) }
+        return OwnedFileDescriptor(taking: fd)
+    }
+
+    /// Sends each frame as one datagram to the paired IPv4 address (network order) and `port`.
+    @discardableResult
+    public static func send(_ socket: OwnedFileDescriptor, _ frames: [(FrameRef, UInt32)], port: UInt16) -> Int {
+        var descriptors = frames.map { $0.0.batch.descriptor($0.0.index, headerBytes: 0) }
+        var destinations = frames.map(\.1)
+        var sent = 0
+        while sent < descriptors.count {
+            let batch = min(64, descriptors.count - sent)
+            let result = descriptors.withUnsafeMutableBufferPointer { all -> Int32 in
+                destinations.withUnsafeMutableBufferPointer { targets -> Int32 in
+                    // SAFETY: `batch` entries from `sent` on in both arrays; frames point into live batches.
+                    guard let base = all.baseAddress, let addresses = targets.baseAddress else { return 0 }
+                    return nimbus_udp4_send(socket.rawValue, base + sent, addresses + sent, Int32(batch), port)
+                }
+            }
+            if result <= 0 { break }
+            sent += Int(result)
+        }
+        return sent
+    }
+}
+
+/// Interface control for switch ports.
+public enum NetworkInterface {
+    public static func index(_ name: String) -> Int { Int(nimbus_if_index(name)) }
+
+    public static func setUp(_ name: String) throws(SystemError) {
+        guard nimbus_if_set_up(name) == 0 else { throw SystemError(call: "ioctl(SIOCSIFFLAGS)", subject: name, errno: errno) }
+    }
+
+    public static func setMTU(_ name: String, _ mtu: Int) throws(SystemError) {
+        guard nimbus_if_set_mtu(name, Int32(mtu)) == 0 else { throw SystemError(call: "ioctl(SIOCSIFMTU)", subject: name, errno: errno) }
+    }
+}

@@ -1,0 +1,171 @@
+// Switch layer: keeps one datapath per bridge in step with the reconciled configuration: opens
+// and closes ports, turns Port.tag/trunks/vlan_mode into the NORMAL action's VLAN rules, and owns
+// each bridge's OpenFlow tables (a new bridge starts with `priority=0 actions=NORMAL`).
+// Runs on the control loop; datapaths are told through their control queues.
+import LinuxSystem
+import Logging
+
+public final class BridgeManager: @unchecked Sendable {
+    // SAFETY (@unchecked): used only on the control event loop.
+    let logger: Logger
+    public private(set) var datapaths: [String: Datapath] = [:]
+    private var openPorts: [String: [String: (port: DatapathPort, type: String)]] = [:]
+    private var vlanConfigs: [String: [UInt32: VLANConfig]] = [:]
+    public private(set) var tables: [String: FlowTables] = [:]
+    /// Opens a port's I/O (replaceable in tests).
+    public var openPort: (SwitchPort) throws -> DatapathPort = BridgeManager.openKernelPort
+    /// Called when a bridge is created or removed (the OpenFlow layer adds or drops its socket).
+    public var bridgesChanged: (([String]) -> Void)?
+    /// Flow tables a new bridge starts with (saved ones), instead of `priority=0 actions=NORMAL`.
+    public var initialTables: ((String) -> FlowTables?)?
+    /// Called with each new datapath before its thread starts.
+    public var datapathCreated: ((String, Datapath) -> Void)?
+
+    public init(logger: Logger) { self.logger = logger }
+
+    /// The datapath's number for a port: the bridge's own port is OpenFlow's LOCAL.
+    public static func datapathNumber(_ ofport: Int) -> UInt32 { ofport == Reconciler.localPort ? OFPort.local : UInt32(ofport) }
+
+    public static func openKernelPort(_ port: SwitchPort) throws -> DatapathPort {
+        let ofport = datapathNumber(port.ofport)
+        switch port.type {
+        case "", "system": return try SystemPort(name: port.name, ofport: ofport)
+        case "internal", "tap": return try TapPort(name: port.name, ofport: ofport)
+        default: throw SwitchError("ports of type \(port.type) are not supported by this datapath yet")
+        }
+    }
+
+    /// Applies the reconciled bridges; returns the ports that failed to open.
+    public func apply(_ bridges: [String: SwitchBridge]) -> [String: [String: String]] {
+        var failures: [String: [String: String]] = [:]
+        for name in datapaths.keys where bridges[name] == nil {
+            datapaths[name]?.stop()
+            datapaths[name] = nil
+            openPorts[name] = nil
+            vlanConfigs[name] = nil
+            tables[name] = nil
+            logger.info("bridge \(name) removed")
+        }
+        for (name, bridge) in bridges {
+            let datapath: Datapath
+            if let existing = datapaths[name] {
+                datapath = existing
+            } else {
+                do {
+                    datapath = try Datapath(name: name, logger: logger)
+                    datapathCreated?(name, datapath)
+                    try datapath.start()
+                } catch {
+                    logger.error("bridge \(name): cannot start its datapath: \(error)")
+                    continue
+                }
+                datapaths[name] = datapath
+                tables[name] = initialTables?(name) ?? FlowTables.normalOnly()
+                logger.info("bridge \(name) created")
+            }
+            var current = openPorts[name] ?? [:]
+            for (interface, open) in current {
+                let wanted = bridge.ports[interface]
+                if wanted == nil || wanted?.error != nil || wanted.map({ Self.datapathNumber($0.ofport) }) != open.port.ofport
+                    || wanted?.type != open.type
+                {
+                    datapath.remove(ofport: open.port.ofport)
+                    current[interface] = nil
+                }
+            }
+            var vlans: [UInt32: VLANConfig] = [:]
+            for (interface, port) in bridge.ports where port.error == nil && port.ofport > 0 {
+                if current[interface] == nil {
+                    do {
+                        let opened = try openPort(port)
+                        datapath.add(opened)
+                        current[interface] = (opened, port.type)
+                    } catch {
+                        failures[name, default: [:]][interface] = "could not open network device \(interface) (\(error))"
+                        continue
+                    }
+                }
+                vlans[Self.datapathNumber(port.ofport)] = VLANConfig(
+                    tag: port.tag.map { UInt16($0) }, trunks: Set(port.trunks.map { UInt16($0) }), mode: port.vlanMode)
+            }
+            openPorts[name] = current
+            vlanConfigs[name] = vlans
+            push(name)
+        }
+        bridgesChanged?(datapaths.keys.sorted())
+        return failures
+    }
+
+    /// Sends a bridge's current ports and tables to its datapath.
+    public func push(_ bridge: String) {
+        guard let datapath = datapaths[bridge] else { return }
+        datapath.configure(PipelineConfig(ports: vlanConfigs[bridge] ?? [:], tables: tables[bridge]?.snapshot() ?? [:]))
+    }
+
+    /// Changes a bridge's flow tables and pushes them.
+    public func modifyTables(_ bridge: String, _ body: (inout FlowTables) throws -> Void) rethrows {
+        guard var current = tables[bridge] else { return }
+        try body(&current)
+        tables[bridge] = current
+        push(bridge)
+    }
+
+    public func port(_ bridge: String, ofport: UInt32) -> DatapathPort? {
+        openPorts[bridge]?.values.first { $0.port.ofport == ofport }?.port
+    }
+
+    public func ports(_ bridge: String) -> [DatapathPort] {
+        (openPorts[bridge]?.values.map(\.port) ?? []).sorted { $0.ofport < $1.ofport }
+    }
+
+    public func stopAll() {
+        for datapath in datapaths.values { datapath.stop() }
+        datapaths.removeAll()
+        openPorts.removeAll()
+    }
+}
+
+/// A bridge's OpenFlow tables.
+public struct FlowTables: Sendable {
+    public private(set) var flows: [UInt8: [FlowEntry]] = [:]
+
+    public init() {}
+
+    public static func normalOnly() -> FlowTables {
+        var tables = FlowTables()
+        tables.add(
+            FlowEntry(
+                table: 0, priority: 0, value: FlowKey(), mask: FlowKey(),
+                instructions: [.applyActions([.output(port: OFPort.normal, maxLength: 0)])], created: Host.monotonicNanoseconds()))
+        return tables
+    }
+
+    /// Adds a flow, replacing one with the same table, priority and match.
+    public mutating func add(_ flow: FlowEntry) {
+        var list = flows[flow.table] ?? []
+        list.removeAll { $0.sameMatch(flow) }
+        let index = list.firstIndex { $0.priority < flow.priority } ?? list.count
+        list.insert(flow, at: index)
+        flows[flow.table] = list
+    }
+
+    /// Removes flows for which `predicate` holds; returns them.
+    @discardableResult
+    public mutating func remove(where predicate: (FlowEntry) -> Bool) -> [FlowEntry] {
+        var removed: [FlowEntry] = []
+        for (table, list) in flows {
+            removed += list.filter(predicate)
+            flows[table] = list.filter { !predicate($0) }
+        }
+        return removed
+    }
+
+    public var all: [FlowEntry] { flows.keys.sorted().flatMap { flows[$0] ?? [] } }
+
+    public func snapshot() -> [UInt8: [FlowEntry]] { flows }
+}
+
+public struct SwitchError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

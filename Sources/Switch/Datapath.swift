@@ -1,0 +1,425 @@
+// Switch layer: the datapath of one bridge. One thread polls the bridge's ports (epoll), reads
+// frames in batches, looks each flow up in an exact-match cache, then in the megaflow cache
+// (one hash table per distinct mask), and only on a miss runs the OpenFlow pipeline (an
+// "upcall") and caches the plan under the fields it depended on. Caches are dropped whenever
+// the configuration, the flow tables or the MAC table change. Frames leave in per-port batches;
+// a frame goes out without being copied unless two outputs need it edited differently.
+import LinuxSystem
+import Logging
+import Synchronization
+
+/// Counters of one port (OpenFlow port statistics).
+public final class PortCounters: Sendable {
+    let rxPacketCount = Atomic<UInt64>(0)
+    let rxByteCount = Atomic<UInt64>(0)
+    let txPacketCount = Atomic<UInt64>(0)
+    let txByteCount = Atomic<UInt64>(0)
+    let txDropCount = Atomic<UInt64>(0)
+    public init() {}
+    public var rxPackets: UInt64 { rxPacketCount.load(ordering: .relaxed) }
+    public var rxBytes: UInt64 { rxByteCount.load(ordering: .relaxed) }
+    public var txPackets: UInt64 { txPacketCount.load(ordering: .relaxed) }
+    public var txBytes: UInt64 { txByteCount.load(ordering: .relaxed) }
+    public var txDropped: UInt64 { txDropCount.load(ordering: .relaxed) }
+}
+
+/// A switch port as the datapath drives it.
+public protocol DatapathPort: AnyObject, Sendable {
+    var ofport: UInt32 { get }
+    var name: String { get }
+    /// The descriptor epoll waits on.
+    var pollDescriptor: Int32 { get }
+    var counters: PortCounters { get }
+    /// Reads a batch; returns how many frames arrived.
+    func receive(into batch: FrameBatch) -> Int
+    /// Sends frames; returns how many went.
+    func send(_ frames: [FrameRef]) -> Int
+}
+
+/// A frame handed to the control side (an OpenFlow packet-in).
+public struct PacketIn: Sendable {
+    public var inPort: UInt32
+    public var table: UInt8
+    public var cookie: UInt64
+    public var frame: [UInt8]
+    public var totalLength: Int
+}
+
+public final class Datapath: @unchecked Sendable {
+    // SAFETY (@unchecked): everything below `control` is touched only by the datapath thread;
+    // the control side talks to it only through `control` (a Mutex) and the `wake` eventfd.
+    public let name: String
+    let logger: Logger
+    private let epoll: Epoll
+    private let wake: EventFD
+
+    struct Control {
+        var addPorts: [DatapathPort] = []
+        var removePorts: [UInt32] = []
+        var config: PipelineConfig?
+        var packetOuts: [(frame: [UInt8], inPort: UInt32, actions: [Action])] = []
+        var stop = false
+        var flushCaches = false
+    }
+    private let control = Mutex(Control())
+    /// Packet-ins for the control side (drained by `takePacketIns`).
+    private let packetIns = Mutex<[PacketIn]>([])
+    public var onPacketIn: (@Sendable () -> Void)?
+
+    // Datapath-thread state.
+    private var ports: [UInt32: DatapathPort] = [:]
+    private var config = PipelineConfig()
+    private let macs = MACTable()
+    private var exact: [FlowKey: FlowPlan] = [:]
+    private var megaflows: [(mask: FlowKey, flows: [FlowKey: FlowPlan])] = []
+    private var cachedGeneration: UInt64 = 0
+    private let input = FrameBatch(capacity: 32)
+    private let copies = FrameBatch(capacity: 64)
+    private let injected = FrameBatch(capacity: 16)
+    private var queues: [UInt32: [FrameRef]] = [:]
+    private var thread: NativeThread?
+    private let statsLock = Mutex<DatapathStats>(DatapathStats())
+
+    public struct DatapathStats: Sendable {
+        public var exactHits: UInt64 = 0
+        public var megaflowHits: UInt64 = 0
+        public var upcalls: UInt64 = 0
+        public var megaflowMasks = 0
+        public var cachedFlows = 0
+    }
+
+    public init(name: String, logger: Logger) throws(SystemError) {
+        self.name = name
+        self.logger = logger
+        epoll = try Epoll()
+        wake = try EventFD(nonBlocking: true)
+        try epoll.add(wake.rawValue, events: Epoll.input, token: UInt64.max)
+    }
+
+    // MARK: control side
+
+    public func start() throws(SystemError) {
+        thread = try NativeThread.start(name: "dp-\(name)") { [self] in run() }
+    }
+
+    public func stop() {
+        control.withLock { $0.stop = true }
+        try? wake.signal()
+        thread?.join()
+        thread = nil
+    }
+
+    public func add(_ port: DatapathPort) {
+        control.withLock { $0.addPorts.append(port) }
+        try? wake.signal()
+    }
+
+    public func remove(ofport: UInt32) {
+        control.withLock { $0.removePorts.append(ofport) }
+        try? wake.signal()
+    }
+
+    public func configure(_ config: PipelineConfig) {
+        control.withLock { $0.config = config }
+        try? wake.signal()
+    }
+
+    /// Sends a frame through `actions` as if it had arrived on `inPort` (OpenFlow packet-out).
+    public func packetOut(_ frame: [UInt8], inPort: UInt32, actions: [Action]) {
+        control.withLock { $0.packetOuts.append((frame, inPort, actions)) }
+        try? wake.signal()
+    }
+
+    public func takePacketIns() -> [PacketIn] {
+        packetIns.withLock { ins in
+            defer { ins.removeAll() }; return ins
+        }
+    }
+
+    public var stats: DatapathStats { statsLock.withLock { $0 } }
+
+    // MARK: the datapath thread
+
+    private func run() {
+        var lastAging = Host.monotonicNanoseconds()
+        var local = DatapathStats()
+        while true {
+            if applyControl() { break }
+            let events = (try? epoll.wait(timeoutMilliseconds: 1000, max: 64)) ?? []
+            let now = Host.monotonicNanoseconds()
+            for event in events where event.token != UInt64.max {
+                guard let port = ports[UInt32(truncatingIfNeeded: event.token)] else { continue }
+                for _ in 0..<8 {
+                    input.reset()
+                    let received = port.receive(into: input)
+                    guard received > 0 else { break }
+                    process(input, from: port, now: now, stats: &local)
+                    if received < input.capacity { break }
+                }
+            }
+            if events.contains(where: { $0.token == UInt64.max }) { _ = try? wake.wait() }
+            if now &- lastAging > 1_000_000_000 {
+                lastAging = now
+                macs.expire(now: now)
+                local.megaflowMasks = megaflows.count
+                local.cachedFlows = megaflows.reduce(0) { $0 + $1.flows.count }
+                let snapshot = local
+                statsLock.withLock { $0 = snapshot }
+            }
+        }
+        for port in ports.values { try? epoll.remove(port.pollDescriptor) }
+        ports.removeAll()
+    }
+
+    /// Applies pending control requests; true when the thread should stop.
+    private func applyControl() -> Bool {
+        let pending = control.withLock { state -> Control in
+            defer { state = Control(stop: state.stop) }
+            return state
+        }
+        if pending.stop { return true }
+        var changed = false
+        for ofport in pending.removePorts {
+            if let port = ports.removeValue(forKey: ofport) {
+                epoll.remove(port.pollDescriptor)
+                macs.forget(port: ofport)
+                changed = true
+            }
+        }
+        for port in pending.addPorts {
+            if let old = ports[port.ofport] { epoll.remove(old.pollDescriptor) }
+            ports[port.ofport] = port
+            do {
+                try epoll.add(port.pollDescriptor, events: Epoll.input, token: UInt64(port.ofport))
+            } catch {
+                logger.error("bridge \(name): cannot poll port \(port.name): \(error)")
+            }
+            changed = true
+        }
+        if let config = pending.config {
+            self.config = config
+            changed = true
+        }
+        if changed || pending.flushCaches { flushCaches() }
+        var unused = DatapathStats()
+        for out in pending.packetOuts {
+            injected.reset()
+            guard injected.append(out.frame) else { continue }
+            let key = FlowKey.parse(injected, 0, inPort: out.inPort)
+            var packetConfig = config
+            packetConfig.tables = [
+                0: [FlowEntry(table: 0, priority: 0, value: FlowKey(), mask: FlowKey(), instructions: [.applyActions(out.actions)], created: 0)]
+            ]
+            let plan = Pipeline.plan(key, config: packetConfig, macs: macs, now: Host.monotonicNanoseconds())
+            execute(plan, batch: injected, index: 0, key: key, now: 0, stats: &unused)
+            flushQueues()
+        }
+        return false
+    }
+
+    private func flushCaches() {
+        exact.removeAll(keepingCapacity: true)
+        megaflows.removeAll(keepingCapacity: true)
+        cachedGeneration = macs.generation
+    }
+
+    private func lookup(_ key: FlowKey, now: UInt64, stats: inout DatapathStats) -> FlowPlan {
+        if macs.generation != cachedGeneration { flushCaches() }
+        if let plan = exact[key] {
+            stats.exactHits &+= 1
+            return plan
+        }
+        for subtable in megaflows {
+            if let plan = subtable.flows[key & subtable.mask] {
+                stats.megaflowHits &+= 1
+                if exact.count > 16384 { exact.removeAll(keepingCapacity: true) }
+                exact[key] = plan
+                return plan
+            }
+        }
+        stats.upcalls &+= 1
+        let plan = Pipeline.plan(key, config: config, macs: macs, now: now)
+        if macs.generation != cachedGeneration { flushCaches() }
+        let masked = key & plan.mask
+        if let index = megaflows.firstIndex(where: { $0.mask == plan.mask }) {
+            megaflows[index].flows[masked] = plan
+        } else {
+            megaflows.append((plan.mask, [masked: plan]))
+        }
+        exact[key] = plan
+        return plan
+    }
+
+    private func process(_ batch: FrameBatch, from port: DatapathPort, now: UInt64, stats: inout DatapathStats) {
+        copies.reset()
+        var bytes: UInt64 = 0
+        for index in 0..<batch.count {
+            // Put a tag the kernel took off back into the frame: flows see frames as on the wire.
+            let tag = batch.kernelTags[index]
+            if tag & 0x10000 != 0 {
+                if batch.insert(index, at: 12, [0x81, 0x00, UInt8((tag >> 8) & 0xFF), UInt8(tag & 0xFF)]) {
+                    shiftOffloadOffsets(batch, index, by: 4)
+                }
+            }
+            bytes &+= UInt64(batch.length(index))
+            let key = FlowKey.parse(batch, index, inPort: port.ofport)
+            let plan = lookup(key, now: now, stats: &stats)
+            execute(plan, batch: batch, index: index, key: key, now: now, stats: &stats)
+        }
+        port.counters.rxPacketCount.wrappingAdd(UInt64(batch.count), ordering: .relaxed)
+        port.counters.rxByteCount.wrappingAdd(bytes, ordering: .relaxed)
+        flushQueues()
+    }
+
+    private func execute(_ plan: FlowPlan, batch: FrameBatch, index: Int, key: FlowKey, now: UInt64, stats: inout DatapathStats) {
+        let length = UInt64(batch.length(index))
+        for rule in plan.rules { rule.counters.count(packets: 1, bytes: length, now: now) }
+        let outputs = plan.outputs
+        if outputs.count == 1 {
+            let output = outputs[0]
+            if !output.edits.isEmpty { applyEdits(output.edits, batch, index) }
+            enqueue(output, FrameRef(batch, index), key: key)
+            return
+        }
+        for output in outputs {
+            if output.edits.isEmpty {
+                enqueue(output, FrameRef(batch, index), key: key)
+            } else if let copy = copies.appendCopy(of: index, from: batch) {
+                applyEdits(output.edits, copies, copy)
+                enqueue(output, FrameRef(copies, copy), key: key)
+            }
+        }
+    }
+
+    private func enqueue(_ output: OutputPlan, _ frame: FrameRef, key: FlowKey) {
+        if output.port == OFPort.controller {
+            let length = frame.batch.length(frame.index)
+            let keep = output.maxLength == 0xFFFF || output.maxLength == 0 ? length : min(length, Int(output.maxLength))
+            let packet = PacketIn(
+                inPort: key.inPort, table: 0, cookie: 0, frame: frame.batch.bytes(frame.index, 0..<keep), totalLength: length)
+            packetIns.withLock { $0.count < 1024 ? $0.append(packet) : () }
+            onPacketIn?()
+            return
+        }
+        queues[output.port, default: []].append(frame)
+    }
+
+    private func flushQueues() {
+        for (ofport, frames) in queues where !frames.isEmpty {
+            guard let port = ports[ofport] else { continue }
+            let sent = port.send(frames)
+            var bytes: UInt64 = 0
+            for frame in frames.prefix(sent) { bytes &+= UInt64(frame.batch.length(frame.index)) }
+            port.counters.txPacketCount.wrappingAdd(UInt64(sent), ordering: .relaxed)
+            port.counters.txByteCount.wrappingAdd(bytes, ordering: .relaxed)
+            if sent < frames.count { port.counters.txDropCount.wrappingAdd(UInt64(frames.count - sent), ordering: .relaxed) }
+            queues[ofport]?.removeAll(keepingCapacity: true)
+        }
+    }
+
+    // MARK: editing frames
+
+    private func shiftOffloadOffsets(_ batch: FrameBatch, _ index: Int, by delta: Int) {
+        var header = batch.headers[index]
+        if header.flags & VirtioNetHeader.needsChecksum != 0 {
+            header.checksumStart = UInt16(clamping: Int(header.checksumStart) + delta)
+        }
+        if header.headerLength > 0 { header.headerLength = UInt16(clamping: Int(header.headerLength) + delta) }
+        batch.headers[index] = header
+    }
+
+    func applyEdits(_ edits: [OutputPlan.Edit], _ batch: FrameBatch, _ index: Int) {
+        FrameEditor.apply(edits, batch, index) { delta in shiftOffloadOffsets(batch, index, by: delta) }
+    }
+}
+
+/// Applies output edits to a frame, keeping IPv4, TCP and UDP checksums right (RFC 1624).
+enum FrameEditor {
+    static func apply(_ edits: [OutputPlan.Edit], _ batch: FrameBatch, _ index: Int, shifted: (Int) -> Void) {
+        for edit in edits {
+            let tagged = batch.u16(index, 12) == EtherType.vlan
+            let l3 = tagged ? 18 : 14
+            let type = batch.u16(index, l3 - 2)
+            switch edit {
+            case .popVLAN:
+                if tagged {
+                    batch.remove(index, at: 12, count: 4)
+                    shifted(-4)
+                }
+            case .pushVLAN(let tpid):
+                let tci: UInt16 = tagged ? batch.u16(index, 14) : 0
+                if batch.insert(index, at: 12, [UInt8(tpid >> 8), UInt8(tpid & 0xFF), UInt8(tci >> 8), UInt8(tci & 0xFF)]) {
+                    shifted(4)
+                }
+            case .decTTL:
+                if type == EtherType.ipv4 {
+                    let ttl = batch.byte(index, l3 + 8)
+                    if ttl > 0 {
+                        replace16(batch, index, at: l3 + 8, with: UInt16(ttl - 1) << 8 | UInt16(batch.byte(index, l3 + 9)), checksumAt: [l3 + 10])
+                    }
+                } else if type == EtherType.ipv6 {
+                    let hops = batch.byte(index, l3 + 7)
+                    if hops > 0 { batch.setByte(index, l3 + 7, hops - 1) }
+                }
+            case .setField(let field):
+                set(field, batch, index, l3: l3, type: type, tagged: tagged)
+            }
+        }
+    }
+
+    private static func set(_ field: SetField, _ batch: FrameBatch, _ index: Int, l3: Int, type: UInt16, tagged: Bool) {
+        let ihl = Int(batch.byte(index, l3) & 0x0F) * 4
+        let l4 = l3 + ihl
+        let proto = batch.byte(index, l3 + 9)
+        let transportChecksum: [Int] =
+            type != EtherType.ipv4 ? [] : proto == IPProtocol.tcp ? [l4 + 16] : proto == IPProtocol.udp && batch.u16(index, l4 + 6) != 0 ? [l4 + 6] : []
+        switch field {
+        case .ethSrc(let mac):
+            batch.setU16(index, 6, UInt16(mac >> 32))
+            batch.setU32(index, 8, UInt32(mac & 0xFFFF_FFFF))
+        case .ethDst(let mac):
+            batch.setU16(index, 0, UInt16(mac >> 32))
+            batch.setU32(index, 2, UInt32(mac & 0xFFFF_FFFF))
+        case .vlanVID(let vid):
+            if tagged { batch.setU16(index, 14, (batch.u16(index, 14) & 0xF000) | (vid & 0x0FFF)) }
+        case .vlanPCP(let pcp):
+            if tagged { batch.setU16(index, 14, (batch.u16(index, 14) & 0x1FFF) | UInt16(pcp & 7) << 13) }
+        case .ipv4Src(let address):
+            guard type == EtherType.ipv4 else { return }
+            replace32(batch, index, at: l3 + 12, with: address, checksumAt: [l3 + 10] + transportChecksum)
+        case .ipv4Dst(let address):
+            guard type == EtherType.ipv4 else { return }
+            replace32(batch, index, at: l3 + 16, with: address, checksumAt: [l3 + 10] + transportChecksum)
+        case .ipDSCP(let dscp):
+            guard type == EtherType.ipv4 else { return }
+            let word = batch.u16(index, l3)
+            replace16(batch, index, at: l3, with: (word & 0xFF03) | UInt16(dscp & 0x3F) << 2, checksumAt: [l3 + 10])
+        case .tpSrc(let port):
+            guard type == EtherType.ipv4, proto == IPProtocol.tcp || proto == IPProtocol.udp else { return }
+            replace16(batch, index, at: l4, with: port, checksumAt: transportChecksum)
+        case .tpDst(let port):
+            guard type == EtherType.ipv4, proto == IPProtocol.tcp || proto == IPProtocol.udp else { return }
+            replace16(batch, index, at: l4 + 2, with: port, checksumAt: transportChecksum)
+        case .tunnelID, .metadata:
+            break
+        }
+    }
+
+    /// Writes a 16-bit word and updates the one's-complement checksums at `checksumAt`.
+    static func replace16(_ batch: FrameBatch, _ index: Int, at offset: Int, with new: UInt16, checksumAt: [Int]) {
+        let old = batch.u16(index, offset)
+        batch.setU16(index, offset, new)
+        for position in checksumAt {
+            let checksum = batch.u16(index, position)
+            var sum = UInt32(~checksum & 0xFFFF) + UInt32(~old & 0xFFFF) + UInt32(new)
+            sum = (sum & 0xFFFF) + (sum >> 16)
+            sum = (sum & 0xFFFF) + (sum >> 16)
+            batch.setU16(index, position, ~UInt16(sum & 0xFFFF))
+        }
+    }
+
+    static func replace32(_ batch: FrameBatch, _ index: Int, at offset: Int, with new: UInt32, checksumAt: [Int]) {
+        replace16(batch, index, at: offset, with: UInt16(new >> 16), checksumAt: checksumAt)
+        replace16(batch, index, at: offset + 2, with: UInt16(new & 0xFFFF), checksumAt: checksumAt)
+    }
+}
