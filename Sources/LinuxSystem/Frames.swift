@@ -54,6 +54,8 @@ public final class FrameBatch {
     public var headers: [VirtioNetHeader]
     /// For UDP batches: each datagram's source IPv4 address, network byte order.
     public private(set) var sources: [UInt32]
+    /// The switch port each frame came in on, when the receiving port set it (0: the port itself).
+    public var inPorts: [UInt32]
 
     public init(capacity: Int = 32, frameCapacity: Int = 65536 + 64) {
         self.capacity = capacity
@@ -67,6 +69,7 @@ public final class FrameBatch {
         kernelTags = Array(repeating: 0, count: capacity)
         headers = Array(repeating: VirtioNetHeader(), count: capacity)
         sources = Array(repeating: 0, count: capacity)
+        inPorts = Array(repeating: 0, count: capacity)
     }
 
     deinit { memory.deallocate() }
@@ -118,6 +121,7 @@ public final class FrameBatch {
         guard count < capacity, frame.count <= frameCapacity else { return false }
         let index = count
         starts[index] = Self.headroom
+        inPorts[index] = 0
         lengths[index] = frame.count
         headers[index] = header
         kernelTags[index] = 0
@@ -210,6 +214,7 @@ public final class FrameBatch {
                     .copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[from..<(from + total)]))
             }
             starts[target] = Self.headroom
+            inPorts[target] = 0
             lengths[target] = total - headerBytes
             kernelTags[target] = frames[index].vlan_tci
             headers[target] = headerBytes > 0 ? readHeader(target) : VirtioNetHeader()
@@ -302,6 +307,7 @@ public final class FrameBatch {
         count = 0
         for index in 0..<received where scratch[index].length > 0 {
             starts[count] = Self.headroom
+            inPorts[count] = 0
             lengths[count] = Int(scratch[index].length)
             headers[count] = VirtioNetHeader()
             sources[count] = scratchSources[index]
@@ -387,6 +393,31 @@ extension TapDevice {
 
 /// A UDP socket for VXLAN.
 public enum UDPSocket {
+    /// A socket on `localPort` that exchanges datagrams with one peer only (IPv4, network order).
+    public static func connected(localPort: UInt16, remote: UInt32, remotePort: UInt16) throws(SystemError) -> OwnedFileDescriptor {
+        let fd = nimbus_udp4_connected_socket(localPort, remote, remotePort)
+        guard fd >= 0 else { throw SystemError(call: "socket(udp)", subject: "port \(localPort)", errno: errno) }
+        return OwnedFileDescriptor(taking: fd)
+    }
+
+    /// Sends each frame as one datagram on a connected socket; returns how many went.
+    @discardableResult
+    public static func send(connected socket: OwnedFileDescriptor, _ frames: [FrameRef]) -> Int {
+        var descriptors = frames.map { $0.batch.descriptor($0.index, headerBytes: 0) }
+        var sent = 0
+        while sent < descriptors.count {
+            let batch = min(64, descriptors.count - sent)
+            let result = descriptors.withUnsafeMutableBufferPointer { all -> Int32 in
+                // SAFETY: `batch` descriptors from `sent` on, each pointing into a live FrameBatch.
+                guard let base = all.baseAddress else { return 0 }
+                return nimbus_frames_send(socket.rawValue, base + sent, Int32(batch))
+            }
+            if result <= 0 { break }
+            sent += Int(result)
+        }
+        return sent
+    }
+
     public static func bind(port: UInt16) throws(SystemError) -> OwnedFileDescriptor {
         let fd = nimbus_udp4_socket(port)
         guard fd >= 0 else { throw SystemError(call: "bind(udp)", subject: "port \(port)", errno: errno) }

@@ -12,8 +12,8 @@ public final class BridgeManager: @unchecked Sendable {
     private var openPorts: [String: [String: (port: DatapathPort, type: String)]] = [:]
     private var vlanConfigs: [String: [UInt32: VLANConfig]] = [:]
     public private(set) var tables: [String: FlowTables] = [:]
-    /// Opens a port's I/O (replaceable in tests).
-    public var openPort: (SwitchPort) throws -> DatapathPort = BridgeManager.openKernelPort
+    /// Opens a port's I/O (replaceable in tests); nil: kernel interfaces, TAPs and VXLAN.
+    public var openPort: ((SwitchPort, String) throws -> DatapathPort)?
     /// Called when a bridge is created or removed (the OpenFlow layer adds or drops its socket).
     public var bridgesChanged: (([String]) -> Void)?
     /// Flow tables a new bridge starts with (saved ones), instead of `priority=0 actions=NORMAL`.
@@ -26,11 +26,26 @@ public final class BridgeManager: @unchecked Sendable {
     /// The datapath's number for a port: the bridge's own port is OpenFlow's LOCAL.
     public static func datapathNumber(_ ofport: Int) -> UInt32 { ofport == Reconciler.localPort ? OFPort.local : UInt32(ofport) }
 
-    public static func openKernelPort(_ port: SwitchPort) throws -> DatapathPort {
-        let ofport = datapathNumber(port.ofport)
+    /// VXLAN sockets by UDP port; one bridge owns each.
+    private var vxlanSockets: [UInt16: VXLANSocket] = [:]
+
+    public func openKernelPort(_ port: SwitchPort, bridge: String) throws -> DatapathPort {
+        let ofport = Self.datapathNumber(port.ofport)
         switch port.type {
         case "", "system": return try SystemPort(name: port.name, ofport: ofport)
         case "internal", "tap": return try TapPort(name: port.name, ofport: ofport)
+        case "vxlan":
+            guard let remote = port.options["remote_ip"] else { throw SwitchError("\(port.name): vxlan needs options:remote_ip") }
+            let key = port.options["key"] ?? "0"
+            guard let vni = UInt32(key) else { throw SwitchError("\(port.name): key=\(key) is not supported (a number is)") }
+            let udpPort = port.options["dst_port"].flatMap { UInt16($0) } ?? VXLANPort.defaultPort
+            if let socket = vxlanSockets[udpPort], socket.isUnused { vxlanSockets[udpPort] = nil }
+            let socket = try vxlanSockets[udpPort] ?? VXLANSocket(bridge: bridge, port: udpPort)
+            guard socket.bridge == bridge else {
+                throw SwitchError("UDP port \(udpPort) carries the VXLAN ports of bridge \(socket.bridge)")
+            }
+            vxlanSockets[udpPort] = socket
+            return try VXLANPort(name: port.name, ofport: ofport, remote: remote, vni: vni, socket: socket)
         default: throw SwitchError("ports of type \(port.type) are not supported by this datapath yet")
         }
     }
@@ -39,6 +54,7 @@ public final class BridgeManager: @unchecked Sendable {
     public func apply(_ bridges: [String: SwitchBridge]) -> [String: [String: String]] {
         var failures: [String: [String: String]] = [:]
         for name in datapaths.keys where bridges[name] == nil {
+            for open in openPorts[name]?.values ?? [:].values { (open.port as? VXLANPort)?.detach() }
             datapaths[name]?.stop()
             datapaths[name] = nil
             openPorts[name] = nil
@@ -70,6 +86,7 @@ public final class BridgeManager: @unchecked Sendable {
                     || wanted?.type != open.type
                 {
                     datapath.remove(ofport: open.port.ofport)
+                    (open.port as? VXLANPort)?.detach()
                     current[interface] = nil
                 }
             }
@@ -77,7 +94,7 @@ public final class BridgeManager: @unchecked Sendable {
             for (interface, port) in bridge.ports where port.error == nil && port.ofport > 0 {
                 if current[interface] == nil {
                     do {
-                        let opened = try openPort(port)
+                        let opened = try openPort?(port, name) ?? openKernelPort(port, bridge: name)
                         datapath.add(opened)
                         current[interface] = (opened, port.type)
                     } catch {

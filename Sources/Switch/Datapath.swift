@@ -179,20 +179,33 @@ public final class Datapath: @unchecked Sendable {
         }
         if pending.stop { return true }
         var changed = false
+        // Ports may share one descriptor (VXLAN ports share their UDP socket): it is polled once,
+        // under the token of a port that uses it, and dropped from epoll with its last user.
+        func unpoll(_ port: DatapathPort) {
+            let fd = port.pollDescriptor
+            if let other = ports.values.first(where: { $0.pollDescriptor == fd }) {
+                try? epoll.modify(fd, events: Epoll.input, token: UInt64(other.ofport))
+            } else {
+                epoll.remove(fd)
+            }
+        }
         for ofport in pending.removePorts {
             if let port = ports.removeValue(forKey: ofport) {
-                epoll.remove(port.pollDescriptor)
+                unpoll(port)
                 macs.forget(port: ofport)
                 changed = true
             }
         }
         for port in pending.addPorts {
-            if let old = ports[port.ofport] { epoll.remove(old.pollDescriptor) }
+            if let old = ports.removeValue(forKey: port.ofport) { unpoll(old) }
+            let shared = ports.values.contains { $0.pollDescriptor == port.pollDescriptor }
             ports[port.ofport] = port
-            do {
-                try epoll.add(port.pollDescriptor, events: Epoll.input, token: UInt64(port.ofport))
-            } catch {
-                logger.error("bridge \(name): cannot poll port \(port.name): \(error)")
+            if !shared {
+                do {
+                    try epoll.add(port.pollDescriptor, events: Epoll.input, token: UInt64(port.ofport))
+                } catch {
+                    logger.error("bridge \(name): cannot poll port \(port.name): \(error)")
+                }
             }
             changed = true
         }
@@ -253,7 +266,7 @@ public final class Datapath: @unchecked Sendable {
     private func process(_ batch: FrameBatch, from port: DatapathPort, now: UInt64, stats: inout DatapathStats) {
         copies.reset()
         var bytes: UInt64 = 0
-        for index in 0..<batch.count {
+        for index in 0..<batch.count where batch.length(index) >= 14 {
             // Put a tag the kernel took off back into the frame: flows see frames as on the wire.
             let tag = batch.kernelTags[index]
             if tag & 0x10000 != 0 {
@@ -262,7 +275,8 @@ public final class Datapath: @unchecked Sendable {
                 }
             }
             bytes &+= UInt64(batch.length(index))
-            let key = FlowKey.parse(batch, index, inPort: port.ofport)
+            let inPort = batch.inPorts[index] == 0 ? port.ofport : batch.inPorts[index]
+            let key = FlowKey.parse(batch, index, inPort: inPort)
             let plan = lookup(key, now: now, stats: &stats)
             execute(plan, batch: batch, index: index, key: key, now: now, stats: &stats)
         }

@@ -1,0 +1,178 @@
+// Unit tests for the switch without privileges: flow keys, the pipeline (NORMAL, VLANs, OpenFlow
+// tables), and a running datapath thread over in-process ports.
+import Foundation
+import LinuxSystem
+import Logging
+import Testing
+
+@testable import Switch
+
+/// Builds Ethernet frames for tests.
+enum Frames {
+    static func mac(_ last: UInt8) -> [UInt8] { [0x02, 0, 0, 0, 0, last] }
+    static let broadcast: [UInt8] = Array(repeating: 0xFF, count: 6)
+
+    /// An IPv4/UDP frame from host `src` to host `dst` (10.0.0.x), optionally VLAN-tagged.
+    static func udp(from src: UInt8, to dst: UInt8, dstMAC: [UInt8]? = nil, vlan: UInt16? = nil, port: UInt16 = 9) -> [UInt8] {
+        var frame = (dstMAC ?? mac(dst)) + mac(src)
+        if let vlan { frame += [0x81, 0x00, UInt8(vlan >> 8), UInt8(vlan & 0xFF)] }
+        frame += [0x08, 0x00]
+        var ip: [UInt8] = [0x45, 0, 0, 30, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, src, 10, 0, 0, dst]
+        var sum: UInt32 = 0
+        for index in stride(from: 0, to: 20, by: 2) { sum += UInt32(ip[index]) << 8 | UInt32(ip[index + 1]) }
+        while sum > 0xFFFF { sum = (sum & 0xFFFF) + (sum >> 16) }
+        let checksum = ~UInt16(sum)
+        ip[10] = UInt8(checksum >> 8)
+        ip[11] = UInt8(checksum & 0xFF)
+        frame += ip
+        frame += [0x30, 0x39, UInt8(port >> 8), UInt8(port & 0xFF), 0, 10, 0, 0, 0x68, 0x69]
+        return frame
+    }
+
+    static func key(_ frame: [UInt8], inPort: UInt32) -> FlowKey {
+        let batch = FrameBatch(capacity: 1, frameCapacity: 2048)
+        batch.append(frame)
+        return FlowKey.parse(batch, 0, inPort: inPort)
+    }
+}
+
+@Suite struct FlowKeyTests {
+    @Test func parsesTheHeaders() {
+        let key = Frames.key(Frames.udp(from: 1, to: 2, vlan: 10, port: 53), inPort: 3)
+        #expect(key.inPort == 3)
+        #expect(key.vlanVID == 0x1000 | 10)
+        #expect(key.ethType == EtherType.ipv4)
+        #expect(key.ipProto == IPProtocol.udp)
+        #expect(key.ipv4Src == 0x0A00_0001 && key.ipv4Dst == 0x0A00_0002)
+        #expect(key.tpSrc == 12345 && key.tpDst == 53)
+        #expect(key.ethSrc == 0x0200_0000_0001 && key.ethDst == 0x0200_0000_0002)
+    }
+
+    @Test func truncatedFramesLeaveFieldsZero() {
+        let full = Frames.udp(from: 1, to: 2)
+        for length in [0, 5, 13, 14, 20, 33, 40] {
+            let key = Frames.key(Array(full.prefix(length)), inPort: 1)
+            #expect(key.tpDst == 0)
+        }
+    }
+}
+
+@Suite struct PipelineTests {
+    let now: UInt64 = 1_000_000_000
+
+    func config(_ ports: [UInt32: VLANConfig], flows: [FlowEntry]? = nil) -> PipelineConfig {
+        var tables = FlowTables.normalOnly()
+        if let flows {
+            tables = FlowTables()
+            for flow in flows { tables.add(flow) }
+        }
+        return PipelineConfig(ports: ports, tables: tables.snapshot())
+    }
+
+    @Test func normalLearnsAndFloods() {
+        let macs = MACTable()
+        let setup = config([1: VLANConfig(), 2: VLANConfig(), 3: VLANConfig()])
+        // Unknown destination: flood to every other port.
+        var plan = Pipeline.plan(Frames.key(Frames.udp(from: 1, to: 2), inPort: 1), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.map(\.port) == [2, 3])
+        // The reply goes straight back to the learned port.
+        plan = Pipeline.plan(Frames.key(Frames.udp(from: 2, to: 1), inPort: 2), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.map(\.port) == [1])
+        #expect(plan.mask.ethSrc == 0xFFFF_FFFF_FFFF && plan.mask.ethDst == 0xFFFF_FFFF_FFFF)
+        // Broadcast floods.
+        plan = Pipeline.plan(
+            Frames.key(Frames.udp(from: 2, to: 9, dstMAC: Frames.broadcast), inPort: 2), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.map(\.port) == [1, 3])
+    }
+
+    @Test func vlansSeparateAccessPortsAndTrunksCarryTags() {
+        let macs = MACTable()
+        let setup = config([
+            1: VLANConfig(tag: 10), 2: VLANConfig(tag: 20), 3: VLANConfig(tag: 10), 4: VLANConfig(trunks: [10, 20]),
+        ])
+        // From an access port in VLAN 10: only the other VLAN 10 access port (untagged) and the trunk (tagged).
+        var plan = Pipeline.plan(Frames.key(Frames.udp(from: 1, to: 2), inPort: 1), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.map(\.port) == [3, 4])
+        #expect(plan.outputs[0].edits.isEmpty)
+        #expect(plan.outputs[1].edits == [.pushVLAN(tpid: EtherType.vlan), .setField(.vlanVID(10))])
+        // A tagged frame from the trunk in VLAN 20 reaches port 2 untagged, nothing else.
+        plan = Pipeline.plan(Frames.key(Frames.udp(from: 7, to: 8, vlan: 20), inPort: 4), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.map(\.port) == [2])
+        #expect(plan.outputs[0].edits == [.popVLAN])
+        // Tagged frames on an access port, and VLANs the trunk does not carry, are dropped.
+        plan = Pipeline.plan(Frames.key(Frames.udp(from: 1, to: 2, vlan: 10), inPort: 1), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.isEmpty)
+        plan = Pipeline.plan(Frames.key(Frames.udp(from: 7, to: 8, vlan: 30), inPort: 4), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.isEmpty)
+    }
+
+    @Test func openFlowTablesMatchByPriorityAndGoto() {
+        let macs = MACTable()
+        var udp53 = FlowKey()
+        udp53.ethType = EtherType.ipv4
+        udp53.ipProto = IPProtocol.udp
+        udp53.tpDst = 53
+        let udp53Mask = FlowKey.mask {
+            $0.ethType = 0xFFFF
+            $0.ipProto = 0xFF
+            $0.tpDst = 0xFFFF
+        }
+        let flows = [
+            FlowEntry(table: 0, priority: 0, value: FlowKey(), mask: FlowKey(), instructions: [.gotoTable(1)], created: 0),
+            FlowEntry(table: 0, priority: 100, value: udp53, mask: udp53Mask, instructions: [], created: 0),
+            FlowEntry(
+                table: 1, priority: 5, value: FlowKey(), mask: FlowKey(),
+                instructions: [.applyActions([.setField(.ethDst(0x0200_0000_0099)), .output(port: 2, maxLength: 0)])], created: 0),
+        ]
+        let setup = config([1: VLANConfig(), 2: VLANConfig()], flows: flows)
+        var plan = Pipeline.plan(Frames.key(Frames.udp(from: 1, to: 2, port: 53), inPort: 1), config: setup, macs: macs, now: now)
+        #expect(plan.outputs.isEmpty)
+        #expect(plan.rules.count == 1)
+        plan = Pipeline.plan(Frames.key(Frames.udp(from: 1, to: 2, port: 80), inPort: 1), config: setup, macs: macs, now: now)
+        #expect(plan.outputs == [OutputPlan(port: 2, edits: [.setField(.ethDst(0x0200_0000_0099))])])
+        #expect(plan.rules.count == 2)
+        // The megaflow mask covers the port field the higher-priority flow looked at.
+        #expect(plan.mask.tpDst == 0xFFFF)
+    }
+}
+
+@Suite(.serialized) struct DatapathTests {
+    func waitFor(_ port: MemoryPort, count: Int = 1) -> [[UInt8]] {
+        var frames: [[UInt8]] = []
+        for _ in 0..<200 {
+            frames += port.take()
+            if frames.count >= count { break }
+            Thread.sleep(forTimeInterval: 0.005)
+        }
+        return frames
+    }
+
+    @Test func forwardsLearnsAndRetagsBetweenMemoryPorts() throws {
+        let datapath = try Datapath(name: "test", logger: Logger(label: "test"))
+        let access = try MemoryPort(name: "a", ofport: 1)
+        let other = try MemoryPort(name: "b", ofport: 2)
+        let trunk = try MemoryPort(name: "t", ofport: 3)
+        datapath.add(access)
+        datapath.add(other)
+        datapath.add(trunk)
+        datapath.configure(
+            PipelineConfig(
+                ports: [1: VLANConfig(tag: 10), 2: VLANConfig(tag: 20), 3: VLANConfig()], tables: FlowTables.normalOnly().snapshot()))
+        try datapath.start()
+        defer { datapath.stop() }
+        access.inject(Frames.udp(from: 1, to: 2))
+        // Only the trunk gets it, tagged with VLAN 10; the VLAN 20 port gets nothing.
+        let tagged = waitFor(trunk)
+        #expect(tagged == [Frames.udp(from: 1, to: 2, vlan: 10)])
+        #expect(other.take().isEmpty)
+        // The answer from the trunk is untagged on the way to the learned access port.
+        trunk.inject(Frames.udp(from: 2, to: 1, vlan: 10))
+        #expect(waitFor(access) == [Frames.udp(from: 2, to: 1)])
+        // Many frames in a row keep their order and all arrive (cache hits after the first).
+        for index in 0..<200 { access.inject(Frames.udp(from: 1, to: 2, port: UInt16(1000 + index))) }
+        let burst = waitFor(trunk, count: 200)
+        #expect(burst.count == 200)
+        #expect(burst.first == Frames.udp(from: 1, to: 2, vlan: 10, port: 1000))
+        #expect(datapath.stats.upcalls < 210)
+    }
+}
