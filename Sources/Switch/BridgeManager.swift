@@ -181,8 +181,3 @@ public struct FlowTables: Sendable {
 
     public func snapshot() -> [UInt8: [FlowEntry]] { flows }
 }
-
-public struct SwitchError: Error, CustomStringConvertible, Sendable {
-    public let description: String
-    public init(_ description: String) { self.description = description }
-}

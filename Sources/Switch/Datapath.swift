@@ -8,21 +8,6 @@ import LinuxSystem
 import Logging
 import Synchronization
 
-/// Counters of one port (OpenFlow port statistics).
-public final class PortCounters: Sendable {
-    let rxPacketCount = Atomic<UInt64>(0)
-    let rxByteCount = Atomic<UInt64>(0)
-    let txPacketCount = Atomic<UInt64>(0)
-    let txByteCount = Atomic<UInt64>(0)
-    let txDropCount = Atomic<UInt64>(0)
-    public init() {}
-    public var rxPackets: UInt64 { rxPacketCount.load(ordering: .relaxed) }
-    public var rxBytes: UInt64 { rxByteCount.load(ordering: .relaxed) }
-    public var txPackets: UInt64 { txPacketCount.load(ordering: .relaxed) }
-    public var txBytes: UInt64 { txByteCount.load(ordering: .relaxed) }
-    public var txDropped: UInt64 { txDropCount.load(ordering: .relaxed) }
-}
-
 /// A switch port as the datapath drives it.
 public protocol DatapathPort: AnyObject, Sendable {
     var ofport: UInt32 { get }

@@ -666,6 +666,14 @@ public struct FlowMod: Sendable {
     }
 }
 
+extension FlowMod {
+    func entry(now: UInt64, counters: FlowCounters = FlowCounters()) -> FlowEntry {
+        FlowEntry(
+            table: table, priority: priority, value: value, mask: mask, instructions: instructions, cookie: cookie, idleTimeout: idleTimeout,
+            hardTimeout: hardTimeout, flags: flags, created: now, counters: counters)
+    }
+}
+
 extension FlowEntry {
     /// Whether any of the flow's actions outputs to `port`.
     func outputs(to port: UInt32) -> Bool {

@@ -159,14 +159,6 @@ public final class OpenFlowServer: @unchecked Sendable {
     var uptime: UInt64 { Host.monotonicNanoseconds() &- started }
 }
 
-extension FlowMod {
-    func entry(now: UInt64, counters: FlowCounters = FlowCounters()) -> FlowEntry {
-        FlowEntry(
-            table: table, priority: priority, value: value, mask: mask, instructions: instructions, cookie: cookie, idleTimeout: idleTimeout,
-            hardTimeout: hardTimeout, flags: flags, created: now, counters: counters)
-    }
-}
-
 func hexBytes(_ text: Substring) -> [UInt8]? {
     let chars = Array(text.utf8)
     guard chars.count % 2 == 0 else { return nil }

@@ -70,6 +70,21 @@ public final class FlowCounters: Sendable {
     public var lastUsed: UInt64 { lastHit.load(ordering: .relaxed) }
 }
 
+/// Counters of one port (OpenFlow port statistics).
+public final class PortCounters: Sendable {
+    let rxPacketCount = Atomic<UInt64>(0)
+    let rxByteCount = Atomic<UInt64>(0)
+    let txPacketCount = Atomic<UInt64>(0)
+    let txByteCount = Atomic<UInt64>(0)
+    let txDropCount = Atomic<UInt64>(0)
+    public init() {}
+    public var rxPackets: UInt64 { rxPacketCount.load(ordering: .relaxed) }
+    public var rxBytes: UInt64 { rxByteCount.load(ordering: .relaxed) }
+    public var txPackets: UInt64 { txPacketCount.load(ordering: .relaxed) }
+    public var txBytes: UInt64 { txByteCount.load(ordering: .relaxed) }
+    public var txDropped: UInt64 { txDropCount.load(ordering: .relaxed) }
+}
+
 /// One OpenFlow flow.
 public final class FlowEntry: Sendable {
     public let table: UInt8
@@ -399,4 +414,9 @@ public enum Pipeline {
         }
         for port in config.ports.keys.sorted() where port != inPort { egress(port) }
     }
+}
+
+public struct SwitchError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }
