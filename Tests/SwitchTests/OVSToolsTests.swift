@@ -158,6 +158,75 @@ struct OVSToolsTests {
         #expect(again.stop() == 0)
     }
 
+    @Test func ovsOfctlManagesFlowTables() throws {
+        try #require(OVSTools.installed, "install openvswitch-switch (ovs-vsctl, ovs-ofctl)")
+        try #require(FileManager.default.isExecutableFile(atPath: OVSTools.switchd), "build nimbus-switchd first (scripts/test does)")
+        let directory = try makeDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let daemon = try SwitchDaemon(directory: directory)
+        defer { _ = daemon.stop() }
+        // No ports are needed to drive the tables (without root the bridge's own port cannot open).
+        _ = try daemon.vsctl("add-br", "brt")
+        let controllerPort = 16_000 + Int.random(in: 0..<2000)
+        _ = try daemon.vsctl("set-controller", "brt", "ptcp:\(controllerPort):127.0.0.1")
+        let mgmt = "unix:\(directory)/brt.mgmt"
+        func ofctl(_ arguments: String...) throws -> OVSTools.Output {
+            try OVSTools.run("ovs-ofctl", ["-O", "OpenFlow13"] + arguments)
+        }
+        // A new bridge starts with priority=0 actions=NORMAL.
+        #expect(try ofctl("dump-flows", mgmt).stdout.contains("priority=0 actions=NORMAL"))
+        for flow in [
+            "table=0,priority=10,cookie=0x5,in_port=1,dl_src=02:00:00:00:00:01/ff:ff:ff:00:00:00,actions=goto_table:1",
+            "table=1,priority=20,tcp,nw_src=10.0.0.0/8,tp_dst=80,actions=mod_dl_dst:02:00:00:00:00:09,push_vlan:0x8100,set_field:100->vlan_vid,output:2",
+            "priority=7,arp,arp_op=1,actions=FLOOD,IN_PORT,LOCAL,ALL",
+            "priority=6,ip,actions=dec_ttl,controller",
+            "priority=8,udp,hard_timeout=1,actions=drop",
+        ] {
+            let added = try ofctl("add-flow", mgmt, flow)
+            #expect(added.status == 0, "add-flow \(flow): \(added.stderr)")
+        }
+        var flows = try ofctl("dump-flows", mgmt).stdout
+        for expected in [
+            "cookie=0x5", "priority=10,in_port=1,dl_src=02:00:00:00:00:00/ff:ff:ff:00:00:00 actions=goto_table:1",
+            "priority=20,tcp,nw_src=10.0.0.0/8,tp_dst=80 actions=set_field:02:00:00:00:00:09->eth_dst,push_vlan:0x8100",
+            "priority=7,arp,arp_op=1 actions=FLOOD,IN_PORT,LOCAL,ALL", "priority=6,ip actions=dec_ttl,CONTROLLER",
+            "hard_timeout=1, priority=8,udp actions=drop",
+        ] {
+            #expect(flows.contains(expected), "\(expected) missing from:\n\(flows)")
+        }
+        // The hard timeout removes its flow.
+        Thread.sleep(forTimeInterval: 2.5)
+        #expect(!(try ofctl("dump-flows", mgmt).stdout.contains("hard_timeout")))
+        // modify (non-strict), strict delete, delete by cookie, then delete everything (table 255).
+        #expect(try ofctl("mod-flows", mgmt, "table=1,tcp,actions=output:3").status == 0)
+        #expect(try ofctl("dump-flows", mgmt, "table=1").stdout.contains("tp_dst=80 actions=output:3"))
+        #expect(try ofctl("--strict", "del-flows", mgmt, "priority=7,arp,arp_op=1").status == 0)
+        #expect(try ofctl("del-flows", mgmt, "cookie=0x5/-1").status == 0)
+        flows = try ofctl("dump-flows", mgmt).stdout
+        #expect(!flows.contains("arp_op=1") && !flows.contains("cookie=0x5"))
+        #expect(try ofctl("dump-aggregate", mgmt).stdout.contains("flow_count=3"))
+        #expect(try ofctl("dump-tables", mgmt).stdout.contains("table 1:"))
+        #expect(try ofctl("dump-ports-desc", mgmt).status == 0)
+        #expect(try ofctl("show", mgmt).stdout.contains("n_tables:254"))
+        let packetOut = try ofctl(
+            "packet-out", mgmt,
+            "in_port=controller packet=ffffffffffff020000000001080600010800060400010200000000010101010100000000000001010102 actions=FLOOD")
+        #expect(packetOut.status == 0, "\(packetOut.stderr)")
+        // The controller target from set-controller speaks OpenFlow too.
+        var viaTCP = try ofctl("dump-flows", "tcp:127.0.0.1:\(controllerPort)")
+        for _ in 0..<20 where viaTCP.status != 0 {
+            Thread.sleep(forTimeInterval: 0.1)
+            viaTCP = try ofctl("dump-flows", "tcp:127.0.0.1:\(controllerPort)")
+        }
+        #expect(viaTCP.stdout.contains("priority=0 actions=NORMAL"))
+        // Bad requests get OpenFlow errors; OpenFlow 1.0 is refused at HELLO.
+        let bad = try ofctl("add-flow", mgmt, "table=300,actions=drop")
+        #expect(bad.status != 0)
+        #expect(try OVSTools.run("ovs-ofctl", ["dump-flows", mgmt]).stderr.contains("version negotiation failed"))
+        #expect(try ofctl("del-flows", mgmt).status == 0)
+        #expect(!(try ofctl("dump-flows", mgmt).stdout.contains("priority")))
+    }
+
     @Test func servesAFileOvsdbServerWrote() throws {
         try #require(OVSTools.installed, "install openvswitch-switch (ovs-vsctl, ovsdb-client, ovsdb-tool)")
         try #require(FileManager.default.isExecutableFile(atPath: OVSTools.switchd), "build nimbus-switchd first (scripts/test does)")
