@@ -109,12 +109,12 @@ run_ovs() {  # veth|tap
     mkdir -p "$work/ovs" && rm -f "$work/ovs/conf.db"
     ovsdb-tool create "$work/ovs/conf.db" /usr/share/openvswitch/vswitch.ovsschema
     ovsdb-server "$work/ovs/conf.db" --remote=punix:"$work/ovs/db.sock" --pidfile="$work/ovs/ovsdb.pid" \
-        --unixctl="$work/ovs/ovsdb.ctl" --detach --log-file="$work/ovs/ovsdb.log"
+        --unixctl="$work/ovs/ovsdb.ctl" --detach --log-file="$work/ovs/ovsdb.log" 2>>"$work/ovs/stderr"
     local V="ovs-vsctl --db=unix:$work/ovs/db.sock"
     $V --no-wait init
     $V --no-wait set Open_vSwitch . other_config:userspace-tso-enable=true
     OVS_RUNDIR=$work/ovs ovs-vswitchd unix:"$work/ovs/db.sock" --pidfile="$work/ovs/vswitchd.pid" \
-        --unixctl="$work/ovs/vswitchd.ctl" --detach --log-file="$work/ovs/vswitchd.log"
+        --unixctl="$work/ovs/vswitchd.ctl" --detach --log-file="$work/ovs/vswitchd.log" 2>>"$work/ovs/stderr"
     namespaces
     $V add-br sbovs -- set Bridge sbovs datapath_type=netdev
     if [ "$1" = veth ]; then

@@ -51,19 +51,23 @@ public final class Datapath: @unchecked Sendable {
     private let packetIns = Mutex<[PacketIn]>([])
     public var onPacketIn: (@Sendable () -> Void)?
 
-    // Datapath-thread state.
-    private var ports: [UInt32: DatapathPort] = [:]
-    private var config = PipelineConfig()
+    // Datapath-thread state. SAFETY (exclusivity unchecked): only the datapath thread touches
+    // these, and never re-entrantly.
+    @exclusivity(unchecked) private var ports: [UInt32: DatapathPort] = [:]
+    @exclusivity(unchecked) private var config = PipelineConfig()
     private let macs = MACTable()
-    private var exact: [FlowKey: FlowPlan] = [:]
-    private var megaflows: [(mask: FlowKey, flows: [FlowKey: FlowPlan])] = []
-    private var cachedGeneration: UInt64 = 0
+    @exclusivity(unchecked) private var exact: [FlowKey: FlowPlan] = [:]
+    @exclusivity(unchecked) private var megaflows: [(mask: FlowKey, flows: [FlowKey: FlowPlan])] = []
+    @exclusivity(unchecked) private var cachedGeneration: UInt64 = 0
     private let input = FrameBatch(capacity: 32)
     private let copies = FrameBatch(capacity: 64)
     private let injected = FrameBatch(capacity: 16)
-    private var queues: [UInt32: [FrameRef]] = [:]
+    @exclusivity(unchecked) private var queues: [UInt32: [FrameRef]] = [:]
     private var thread: NativeThread?
     private let statsLock = Mutex<DatapathStats>(DatapathStats())
+
+    /// How long after the last frame the thread polls before it sleeps in epoll.
+    static let busyPollNanoseconds: UInt64 = 200_000
 
     public struct DatapathStats: Sendable {
         public var exactHits: UInt64 = 0
@@ -127,10 +131,22 @@ public final class Datapath: @unchecked Sendable {
 
     private func run() {
         var lastAging = Host.monotonicNanoseconds()
+        var lastTraffic: UInt64 = 0
         var local = DatapathStats()
         while true {
             if applyControl() { break }
-            let events = (try? epoll.wait(timeoutMilliseconds: 1000, max: 64)) ?? []
+            // After traffic, poll without sleeping for a short while: a frame often follows
+            // within microseconds, and a sleep and wake-up costs more than that.
+            var events = (try? epoll.wait(timeoutMilliseconds: 0, max: 64)) ?? []
+            if events.isEmpty, Host.monotonicNanoseconds() &- lastTraffic < Self.busyPollNanoseconds {
+                var spins = 0
+                while events.isEmpty, spins < 64 {
+                    events = (try? epoll.wait(timeoutMilliseconds: 0, max: 64)) ?? []
+                    spins += 1
+                }
+            }
+            if events.isEmpty { events = (try? epoll.wait(timeoutMilliseconds: 1000, max: 64)) ?? [] }
+            if !events.isEmpty { lastTraffic = Host.monotonicNanoseconds() }
             let now = Host.monotonicNanoseconds()
             for event in events where event.token != UInt64.max {
                 guard let port = ports[UInt32(truncatingIfNeeded: event.token)] else { continue }
