@@ -112,6 +112,8 @@ public final class DatabaseFile {
             }
             if !rows.isEmpty { members[tableName] = .object(rows) }
         }
+        // A commit that changed only ephemeral columns leaves nothing to keep.
+        guard members.keys.contains(where: { !$0.hasPrefix("_") }) || commit.changes.isEmpty else { return }
         try write(Self.record(.object(members)))
     }
 

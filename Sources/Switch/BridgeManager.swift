@@ -135,6 +135,13 @@ public final class BridgeManager: @unchecked Sendable {
         (openPorts[bridge]?.values.map(\.port) ?? []).sorted { $0.ofport < $1.ofport }
     }
 
+    /// Every open port's counters, by interface name (names are unique across bridges).
+    public func interfaceCounters() -> [String: PortCounters] {
+        var out: [String: PortCounters] = [:]
+        for ports in openPorts.values { for (name, open) in ports { out[name] = open.port.counters } }
+        return out
+    }
+
     public func stopAll() {
         for datapath in datapaths.values { datapath.stop() }
         datapaths.removeAll()

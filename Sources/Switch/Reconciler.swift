@@ -233,6 +233,40 @@ public final class Reconciler {
         }
     }
 
+    /// Writes each open port's counters to Interface.statistics (an ephemeral column, so the
+    /// file does not grow), with admin_state and link_state, as ovs-vswitchd does every few seconds.
+    public func publishStatistics(_ core: OVSDBCore, counters: [String: PortCounters]) {
+        guard let db = core.database(Self.database), db.schema.tables["Interface"]?.columns["statistics"] != nil else { return }
+        reconciling = true
+        defer { reconciling = false }
+        var operations: [JSON] = []
+        for row in db.rows("Interface") {
+            guard let name = string(row["name"]) else { continue }
+            let up = counters[name] != nil
+            var statistics: [(String, Int64)] = []
+            if let port = counters[name] {
+                statistics = [
+                    ("rx_packets", port.rxPackets), ("rx_bytes", port.rxBytes), ("tx_packets", port.txPackets),
+                    ("tx_bytes", port.txBytes), ("tx_dropped", port.txDropped),
+                ].map { ($0.0, Int64(truncatingIfNeeded: $0.1)) }
+            }
+            let datum = Datum(map: statistics.map { (Atom.string($0.0), Atom.integer($0.1)) })
+            let state = Datum(Atom.string(up ? "up" : "down"))
+            guard row["statistics"] != datum || row["link_state"] != state else { continue }
+            operations.append(
+                .object([
+                    "op": .string("update"), "table": .string("Interface"), "where": whereUUID(row.uuid),
+                    "row": .object(["statistics": datum.json, "link_state": state.json, "admin_state": state.json]),
+                ]))
+        }
+        guard !operations.isEmpty else { return }
+        do {
+            try core.transact(Self.database, operations)
+        } catch {
+            logger.error("writing interface statistics failed: \(error)")
+        }
+    }
+
     private func whereUUID(_ uuid: RowUUID) -> JSON {
         .array([.array([.string("_uuid"), .string("=="), Atom.uuid(uuid).json])])
     }

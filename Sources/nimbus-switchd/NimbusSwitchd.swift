@@ -114,6 +114,9 @@ struct NimbusSwitchd: AsyncParsableCommand {
                 reconciler.committed(core, database: database, commit: commit)
             }
             reconciler.announce(core, version: "nimbus-switchd 0.1 (OVSDB schema 8.3.1 compatible)")
+            loop.scheduleRepeatedTask(initialDelay: .seconds(5), delay: .seconds(5)) { [unowned core] _ in
+                reconciler.publishStatistics(core, counters: manager.interfaceCounters())
+            }
         }
         logger.info("nimbus-switchd ready")
         await waitForTermination()
