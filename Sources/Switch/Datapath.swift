@@ -66,6 +66,10 @@ public final class Datapath: @unchecked Sendable {
     private var thread: NativeThread?
     private let statsLock = Mutex<DatapathStats>(DatapathStats())
 
+    /// Megaflows kept before the cache starts over.
+    static let maxCachedFlows = 65536
+    @exclusivity(unchecked) private var cachedFlowCount = 0
+
     /// How long after the last frame the thread polls before it sleeps in epoll.
     static let busyPollNanoseconds: UInt64 = 200_000
 
@@ -234,6 +238,7 @@ public final class Datapath: @unchecked Sendable {
     private func flushCaches() {
         exact.removeAll(keepingCapacity: true)
         megaflows.removeAll(keepingCapacity: true)
+        cachedFlowCount = 0
         cachedGeneration = macs.generation
     }
 
@@ -255,6 +260,13 @@ public final class Datapath: @unchecked Sendable {
         let plan = Pipeline.plan(key, config: config, macs: macs, now: now)
         if macs.generation != cachedGeneration { flushCaches() }
         let masked = key & plan.mask
+        // A port that sends endless distinct flows (spoofed addresses) must not grow the cache
+        // without bound: past the limit it starts over.
+        cachedFlowCount += 1
+        if cachedFlowCount > Self.maxCachedFlows {
+            flushCaches()
+            cachedFlowCount = 1
+        }
         if let index = megaflows.firstIndex(where: { $0.mask == plan.mask }) {
             megaflows[index].flows[masked] = plan
         } else {

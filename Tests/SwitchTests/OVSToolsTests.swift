@@ -220,6 +220,21 @@ struct OVSToolsTests {
             viaTCP = try ofctl("dump-flows", "tcp:127.0.0.1:\(controllerPort)")
         }
         #expect(viaTCP.stdout.contains("priority=0 actions=NORMAL"))
+        // Garbage on the OpenFlow socket closes that connection only.
+        let garbage = try OVSTools.run(
+            "/usr/bin/python3",
+            [
+                "-c",
+                """
+                import socket; s = socket.socket(socket.AF_UNIX); s.connect("\(directory)/brt.mgmt"); s.settimeout(3)
+                s.sendall(b'\\x04\\x0e\\x00\\x04' + b'\\xff' * 64)
+                while True:
+                    chunk = s.recv(100)
+                    if not chunk: break
+                print(True)
+                """,
+            ])
+        #expect(garbage.stdout == "True\n", "\(garbage)")
         // Bad requests get OpenFlow errors; OpenFlow 1.0 is refused at HELLO.
         let bad = try ofctl("add-flow", mgmt, "table=300,actions=drop")
         #expect(bad.status != 0)
