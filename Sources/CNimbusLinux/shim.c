@@ -287,6 +287,8 @@ int nimbus_udp4_socket(uint16_t port) {
     if (fd < 0) return -1;
     int one = 1;
     int size = 4 << 20;
+    int pmtu = IP_PMTUDISC_DONT;  // a full-size inner frame plus VXLAN may exceed the underlay MTU
+    setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, &pmtu, sizeof pmtu);
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
@@ -330,32 +332,4 @@ int nimbus_udp4_recv(int fd, struct nimbus_frame *frames, uint32_t *sources, int
 
 int nimbus_udp4_send(int fd, const struct nimbus_frame *frames, const uint32_t *destinations, int count, uint16_t port) {
     return nimbus_frames_sendto(fd, frames, count, destinations, port);
-}
-
-int nimbus_udp4_connected_socket(uint16_t local_port, uint32_t remote, uint16_t remote_port) {
-    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    int one = 1;
-    int size = 4 << 20;
-    int pmtu = IP_PMTUDISC_DONT;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
-    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
-    setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, &pmtu, sizeof pmtu);
-    struct sockaddr_in address;
-    memset(&address, 0, sizeof address);
-    address.sin_family = AF_INET;
-    address.sin_port = htons(local_port);
-    address.sin_addr.s_addr = htonl(INADDR_ANY);
-    if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0) goto fail;
-    address.sin_port = htons(remote_port);
-    address.sin_addr.s_addr = remote;
-    if (connect(fd, (struct sockaddr *)&address, sizeof address) != 0) goto fail;
-    return fd;
-fail:;
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
 }

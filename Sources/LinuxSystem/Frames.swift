@@ -396,31 +396,6 @@ extension TapDevice {
 
 /// A UDP socket for VXLAN.
 public enum UDPSocket {
-    /// A socket on `localPort` that exchanges datagrams with one peer only (IPv4, network order).
-    public static func connected(localPort: UInt16, remote: UInt32, remotePort: UInt16) throws(SystemError) -> OwnedFileDescriptor {
-        let fd = nimbus_udp4_connected_socket(localPort, remote, remotePort)
-        guard fd >= 0 else { throw SystemError(call: "socket(udp)", subject: "port \(localPort)", errno: errno) }
-        return OwnedFileDescriptor(taking: fd)
-    }
-
-    /// Sends each frame as one datagram on a connected socket; returns how many went.
-    @discardableResult
-    public static func send(connected socket: OwnedFileDescriptor, _ frames: [FrameRef]) -> Int {
-        var descriptors = frames.map { $0.batch.descriptor($0.index, headerBytes: 0) }
-        var sent = 0
-        while sent < descriptors.count {
-            let batch = min(64, descriptors.count - sent)
-            let result = descriptors.withUnsafeMutableBufferPointer { all -> Int32 in
-                // SAFETY: `batch` descriptors from `sent` on, each pointing into a live FrameBatch.
-                guard let base = all.baseAddress else { return 0 }
-                return nimbus_frames_send(socket.rawValue, base + sent, Int32(batch))
-            }
-            if result <= 0 { break }
-            sent += Int(result)
-        }
-        return sent
-    }
-
     public static func bind(port: UInt16) throws(SystemError) -> OwnedFileDescriptor {
         let fd = nimbus_udp4_socket(port)
         guard fd >= 0 else { throw SystemError(call: "bind(udp)", subject: "port \(port)", errno: errno) }

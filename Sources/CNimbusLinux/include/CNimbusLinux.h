@@ -195,10 +195,6 @@ int nimbus_frames_recv(int fd, struct nimbus_frame *frames, int count, uint32_t 
 int nimbus_frames_send(int fd, const struct nimbus_frame *frames, int count);
 /// A non-blocking UDP socket bound to `port` on all IPv4 addresses (for VXLAN). Returns the fd or -1.
 int nimbus_udp4_socket(uint16_t port);
-/// A non-blocking UDP socket bound to `local_port` on all IPv4 addresses with SO_REUSEPORT and
-/// connected to `remote` (network order):`remote_port`, so the kernel hands it only that peer's
-/// datagrams; fragmentation of large datagrams is allowed. Returns the fd or -1 with errno.
-int nimbus_udp4_connected_socket(uint16_t local_port, uint32_t remote, uint16_t remote_port);
 /// Receives up to `count` datagrams; `sources[i]` gets each sender's IPv4 address (network order).
 int nimbus_udp4_recv(int fd, struct nimbus_frame *frames, uint32_t *sources, int count, uint32_t capacity);
 /// Sends `frames[i]` as one datagram each to `destinations[i]`:`port` (IPv4, network order).
