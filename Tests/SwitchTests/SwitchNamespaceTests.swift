@@ -27,7 +27,8 @@ struct SwitchNamespaceTests {
         let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
         #expect(process.terminationStatus == 0, "switch e2e failed (status \(process.terminationStatus)):\n\(output.suffix(6000))")
         for name in [
-            "PASS ping veth to veth", "PASS ping veth to internal (TAP) port", "PASS iperf3 tcp veth to veth",
+            "PASS ping veth to veth", "PASS ping veth to internal (TAP) port", "PASS ping veth to an existing TAP (type=tap)",
+            "PASS iperf3 tcp veth to veth",
             "PASS access VLANs 10 and 20 cannot reach each other", "PASS trunk carries VLAN 10 tagged",
             "PASS an ovs-ofctl drop rule stops ICMP", "PASS dump-flows counts the dropped packets", "PASS del-flows restores ICMP",
             "PASS ports survive a restart", "PASS flows survive a restart", "PASS ping across VXLAN between two switch daemons",
