@@ -21,6 +21,14 @@
 #include <linux/if_ether.h>
 #include <netinet/in.h>
 
+/// Closes a descriptor whose setup failed and returns -1 with the failure's errno kept.
+static int nimbus_close_failed(int fd) {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
+
 int nimbus_ioctl_ptr(int fd, unsigned long request, void *argument) { return ioctl(fd, request, argument); }
 int nimbus_ioctl_val(int fd, unsigned long request, unsigned long argument) { return ioctl(fd, request, argument); }
 
@@ -129,7 +137,7 @@ int nimbus_unix_connect(const char *path, int nonblocking) {
     // listener's backlog is full instead of waiting for it to accept.
     int rc;
     do { rc = connect(fd, (struct sockaddr *)&address, sizeof address); } while (rc != 0 && errno == EINTR);
-    if (rc != 0) { int saved = errno; close(fd); errno = saved; return -1; }
+    if (rc != 0) return nimbus_close_failed(fd);
     return fd;
 }
 
@@ -139,7 +147,7 @@ int nimbus_unix_listen(const char *path, int backlog) {
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return -1;
     if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0 || listen(fd, backlog) != 0) {
-        int saved = errno; close(fd); errno = saved; return -1;
+        return nimbus_close_failed(fd);
     }
     return fd;
 }
@@ -194,10 +202,7 @@ int nimbus_packet_socket(int ifindex, int vnet_header) {
     if ((vnet_header && setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof one) != 0) ||
         setsockopt(fd, SOL_PACKET, PACKET_AUXDATA, &one, sizeof one) != 0 ||
         setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof one) != 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
+        return nimbus_close_failed(fd);
     }
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
@@ -207,10 +212,7 @@ int nimbus_packet_socket(int ifindex, int vnet_header) {
     address.sll_protocol = htons(ETH_P_ALL);
     address.sll_ifindex = ifindex;
     if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
+        return nimbus_close_failed(fd);
     }
     return fd;
 }
@@ -298,10 +300,7 @@ int nimbus_udp4_socket(uint16_t port) {
     address.sin_port = htons(port);
     address.sin_addr.s_addr = htonl(INADDR_ANY);
     if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
+        return nimbus_close_failed(fd);
     }
     return fd;
 }

@@ -49,7 +49,8 @@ public struct RowUUID: Hashable, Comparable, Sendable, CustomStringConvertible {
 }
 
 extension String {
-    func leftPadded(to width: Int) -> String {
+    /// The string with zeros in front up to `width` characters (hex dumps, IDs).
+    public func leftPadded(to width: Int) -> String {
         count >= width ? self : String(repeating: "0", count: width - count) + self
     }
 }

@@ -113,7 +113,7 @@ public final class DatabaseFile {
             if !rows.isEmpty { members[tableName] = .object(rows) }
         }
         // A commit that changed only ephemeral columns leaves nothing to keep.
-        guard members.keys.contains(where: { !$0.hasPrefix("_") }) || commit.changes.isEmpty else { return }
+        guard members.keys.contains(where: { !$0.hasPrefix("_") }) else { return }
         try write(Self.record(.object(members)))
     }
 
@@ -174,8 +174,12 @@ public final class DatabaseFile {
     /// One record; as ovsdb-server writes it, the body's length and digest include its final newline.
     static func record(_ json: JSON) -> [UInt8] {
         let body = json.bytes + [0x0A]
-        let digest = Insecure.SHA1.hash(data: body).map { String($0, radix: 16).leftPadded(to: 2) }.joined()
+        let digest = sha1Hex(body)
         return Array("OVSDB JSON \(body.count) \(digest)\n".utf8) + body
+    }
+
+    static func sha1Hex(_ bytes: [UInt8]) -> String {
+        Insecure.SHA1.hash(data: bytes).map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
 
     enum ParsedRecord {
@@ -192,7 +196,7 @@ public final class DatabaseFile {
         let start = newline + 1
         guard length <= bytes.count - start else { return .bad("record body is truncated") }
         let body = Array(bytes[start..<start + length])
-        let digest = Insecure.SHA1.hash(data: body).map { String($0, radix: 16).leftPadded(to: 2) }.joined()
+        let digest = sha1Hex(body)
         guard digest == header[3].lowercased() else { return .bad("record checksum mismatch") }
         let json: JSON
         do {

@@ -655,14 +655,8 @@ public struct FlowMod: Sendable {
     /// Whether `flow` is selected by this request's match (non-strict: the request's match is
     /// the same or more general).
     func selects(_ flow: FlowEntry, strict: Bool) -> Bool {
-        if strict {
-            guard flow.priority == priority, flow.mask == mask, flow.value == value else { return false }
-        } else {
-            guard (flow.mask & mask) == mask, (flow.value & mask) == value else { return false }
-        }
-        if cookieMask != 0, (flow.cookie & cookieMask) != (cookie & cookieMask) { return false }
-        if outPort != OFPort.any, !flow.outputs(to: outPort) { return false }
-        return true
+        if strict, flow.priority != priority || flow.mask != mask { return false }
+        return flow.selected(value: value, mask: mask, cookie: cookie, cookieMask: cookieMask, outPort: outPort)
     }
 }
 
@@ -675,6 +669,15 @@ extension FlowMod {
 }
 
 extension FlowEntry {
+    /// OpenFlow's non-strict selection, shared by flow_mod and flow stats: the request's match is
+    /// the same or more general, the cookie matches under its mask, and (unless ANY) the flow
+    /// outputs to `outPort`. (With equal masks this is also the strict comparison of matches.)
+    func selected(value: FlowKey, mask: FlowKey, cookie: UInt64, cookieMask: UInt64, outPort: UInt32) -> Bool {
+        guard (self.mask & mask) == mask, (self.value & mask) == value else { return false }
+        if cookieMask != 0, (self.cookie & cookieMask) != (cookie & cookieMask) { return false }
+        return outPort == OFPort.any || outputs(to: outPort)
+    }
+
     /// Whether any of the flow's actions outputs to `port`.
     func outputs(to port: UInt32) -> Bool {
         instructions.contains { instruction in
@@ -709,10 +712,7 @@ struct FlowStatsRequest {
 
     func selects(_ flow: FlowEntry) -> Bool {
         if table != 0xFF, flow.table != table { return false }
-        guard (flow.mask & mask) == mask, (flow.value & mask) == value else { return false }
-        if cookieMask != 0, (flow.cookie & cookieMask) != (cookie & cookieMask) { return false }
-        if outPort != OFPort.any, !flow.outputs(to: outPort) { return false }
-        return true
+        return flow.selected(value: value, mask: mask, cookie: cookie, cookieMask: cookieMask, outPort: outPort)
     }
 }
 

@@ -52,7 +52,7 @@ public final class OpenFlowServer: @unchecked Sendable {
         var text = ""
         for (bridge, tables) in manager.tables.sorted(by: { $0.key < $1.key }) {
             for flow in tables.all {
-                text += bridge + " " + FlowMod.addBody(flow).map { String($0, radix: 16).leftPadded(2) }.joined() + "\n"
+                text += bridge + " " + FlowMod.addBody(flow).map { String($0, radix: 16).leftPadded(to: 2) }.joined() + "\n"
             }
         }
         let temporary = flowFile + ".tmp"
@@ -180,10 +180,6 @@ private func hexValue(_ c: UInt8) -> UInt8? {
     case UInt8(ascii: "A")...UInt8(ascii: "F"): c - UInt8(ascii: "A") + 10
     default: nil
     }
-}
-
-extension String {
-    func leftPadded(_ width: Int) -> String { count >= width ? self : String(repeating: "0", count: width - count) + self }
 }
 
 /// One OpenFlow connection (ovs-ofctl on the mgmt socket, or a controller).

@@ -172,8 +172,7 @@ public final class Reconciler {
             numbers = numbers.filter { ports[$0.key]?.error == nil && ports[$0.key] != nil }
             assigned[name] = numbers
             let controllers = uuids(bridge["controller"]).compactMap { controllerRows[$0].flatMap { string($0["target"]) } }
-            let hex = String(bridgeUUID.low & 0xFFFF_FFFF_FFFF, radix: 16)
-            let datapathID = String(repeating: "0", count: 16 - hex.count) + hex
+            let datapathID = String(bridgeUUID.low & 0xFFFF_FFFF_FFFF, radix: 16).leftPadded(to: 16)
             if string(bridge["datapath_id"]) != datapathID { bridgeUpdates.append((bridgeUUID, datapathID)) }
             next[name] = SwitchBridge(name: name, uuid: bridgeUUID, ports: ports, controllers: controllers, datapathID: datapathID)
         }
