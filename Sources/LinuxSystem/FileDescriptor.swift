@@ -153,20 +153,23 @@ extension OwnedFileDescriptor {
 
     /// Reads up to `count` bytes at `offset`; bytes past the end of the file read as zero.
     public func readZeroFilled(_ count: Int, at offset: Int) throws(SystemError) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
         var failure: SystemError?
-        bytes.withUnsafeMutableBytes { buffer in
+        let bytes = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
             var done = 0
             while done < count {
+                // SAFETY: writes at most count - done bytes inside the array's fresh storage.
                 let got = Glibc.pread(rawValue, buffer.baseAddress?.advanced(by: done), count - done, off_t(offset + done))
                 if got < 0 {
                     if errno == EINTR { continue }
                     failure = SystemError(call: "pread", subject: "offset \(offset + done)", errno: errno)
-                    return
+                    break
                 }
-                if got == 0 { return }
+                if got == 0 { break }
                 done += got
             }
+            // Only the part past the end of the file is zeroed: no memset of what pread fills.
+            UnsafeMutableBufferPointer(rebasing: buffer[done...]).initialize(repeating: 0)
+            initialized = count
         }
         if let failure { throw failure }
         return bytes

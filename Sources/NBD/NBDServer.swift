@@ -175,12 +175,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: transmission
 
-    func simpleReply(_ context: ChannelHandlerContext, cookie: UInt64, error: UInt32, data: [UInt8] = []) {
-        var b = context.channel.allocator.buffer(capacity: 16 + data.count)
+    func simpleReply(_ context: ChannelHandlerContext, cookie: UInt64, error: UInt32) {
+        var b = context.channel.allocator.buffer(capacity: 16)
         b.writeInteger(NBD.simpleReplyMagic)
         b.writeInteger(error)
         b.writeInteger(cookie)
-        b.writeBytes(data)
         context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
     }
 
@@ -224,15 +223,26 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
             switch request.type {
             case NBD.cmdRead:
                 guard request.length <= NBD.maxPayload else { return reply(context, request, error: NBD.EINVAL, message: "read too large") }
-                let data = try image.read(at: request.offset, count: Int(request.length))
+                // The reply is built in one buffer and the image reads straight into it.
+                let count = Int(request.length)
+                var b = context.channel.allocator.buffer(capacity: 28 + count)
                 if structured {
-                    var p = context.channel.allocator.buffer(capacity: 8 + data.count)
-                    p.writeInteger(request.offset)
-                    p.writeBytes(data)
-                    chunk(context, cookie: request.cookie, type: NBD.replyOffsetData, done: true, payload: p)
+                    b.writeInteger(NBD.structuredReplyMagic)
+                    b.writeInteger(NBD.replyFlagDone)
+                    b.writeInteger(NBD.replyOffsetData)
+                    b.writeInteger(request.cookie)
+                    b.writeInteger(UInt32(8 + count))
+                    b.writeInteger(request.offset)
                 } else {
-                    simpleReply(context, cookie: request.cookie, error: 0, data: data)
+                    b.writeInteger(NBD.simpleReplyMagic)
+                    b.writeInteger(UInt32(0))
+                    b.writeInteger(request.cookie)
                 }
+                try b.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
+                    try image.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<count]), at: request.offset)
+                    return count
+                }
+                context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
             case NBD.cmdWrite:
                 try image.write(request.payload, at: request.offset)
                 if request.flags & NBD.cmdFlagFUA != 0 { try image.flush() }

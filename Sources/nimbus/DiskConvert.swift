@@ -35,37 +35,10 @@ extension Disk {
                     try Disk.convertCompressed(from: src, to: q, progress: &progress)
                     return
                 }
-                let chunk: UInt64 = 1 << 20
-                var done: UInt64 = 0
-                for extent in try src.map(at: 0, length: size) {
-                    if extent.zero && !extent.data {
-                        done += extent.length
-                        progress.update(done, of: size)
-                        continue
-                    }
-                    var at = extent.start
-                    while at < extent.start + extent.length {
-                        let n = Int(min(chunk, extent.start + extent.length - at))
-                        let bytes = try src.read(at: at, count: n)
-                        if !Disk.isAllZeroBytes(bytes) { try dst.write(bytes, at: at) }
-                        at += UInt64(n)
-                        done += UInt64(n)
-                        progress.update(done, of: size)
-                    }
-                }
+                try DiskCopy.copyData(from: src, to: dst) { progress.update($0, of: $1) }
                 if sync { try dst.flush() }
                 progress.update(size, of: size)
             }
-        }
-    }
-
-    /// Whether every byte is zero, checked a word at a time.
-    static func isAllZeroBytes(_ bytes: [UInt8]) -> Bool {
-        bytes.withUnsafeBytes { raw in
-            let words = raw.count / 8
-            for i in 0..<words where raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }
-            for i in (words * 8)..<raw.count where raw[i] != 0 { return false }
-            return true
         }
     }
 
@@ -77,7 +50,7 @@ extension Disk {
         while at < size {
             let n = Int(min(cs, size - at))
             var bytes = try src.read(at: at, count: n)
-            if !isAllZeroBytes(bytes) {
+            if !DiskCopy.isAllZero(bytes) {
                 if n < Int(cs) {
                     try dst.write(bytes, at: at)
                 } else {

@@ -119,8 +119,12 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
     }
 
     func pwrite(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { try pwrite($0, at: offset) }
+    }
+
+    func pwrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard !isReadOnly else { throw DiskError("\(path) is open read-only") }
-        do { try file.write(bytes, at: Int(offset)) } catch { throw mapError("writing \(path)", error) }
+        do { try file.writeFully(bytes, at: Int(offset)) } catch { throw mapError("writing \(path)", error) }
         fileEnd = max(fileEnd, (offset + UInt64(bytes.count) + UInt64(clusterSize) - 1) / UInt64(clusterSize) * UInt64(clusterSize))
     }
 
@@ -184,31 +188,48 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         }
     }
 
+    /// Fills `buffer` from the backing chain at `offset` (zeros past its end or without one).
+    func backingBytes(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        guard let backing, offset < backing.virtualSize else {
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
+        let n = Int(min(UInt64(buffer.count), backing.virtualSize - offset))
+        try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: offset)
+        if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
+    }
+
     func backingBytes(at offset: UInt64, count: Int) throws -> [UInt8] {
-        guard let backing else { return [UInt8](repeating: 0, count: count) }
-        let size = backing.virtualSize
-        guard offset < size else { return [UInt8](repeating: 0, count: count) }
-        let n = Int(min(UInt64(count), size - offset))
-        var bytes = try backing.read(at: offset, count: n)
-        if n < count { bytes += [UInt8](repeating: 0, count: count - n) }
-        return bytes
+        try [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            try backingBytes(into: UnsafeMutableRawBufferPointer(buffer), at: offset)
+            initialized = count
+        }
     }
 
     // MARK: DiskImage
 
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         try checkRange(self, offset, UInt64(count))
-        return try lock.withLock { _ in
-            var out = [UInt8](repeating: 0, count: count)
-            // Runs of clusters stored contiguously in the file are read with one pread straight
-            // into the result.
+        return try [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            // The whole buffer is written by `read(into:)` (data, decompressed or zero bytes)
+            // before it is counted as initialized; a failed read throws and leaves it at 0.
+            try read(into: UnsafeMutableRawBufferPointer(buffer), at: offset)
+            initialized = count
+        }
+    }
+
+    /// Reads straight into `buffer`: runs of clusters stored contiguously in the file take one
+    /// pread each; zero and unallocated clusters are zero-filled; compressed clusters are inflated.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try checkRange(self, offset, UInt64(buffer.count))
+        try lock.withLock { _ in
             var run: (host: UInt64, bufferOffset: Int, count: Int)?
             func flushRun() throws {
                 guard let r = run else { return }
                 run = nil
-                try readHost(into: &out, bufferOffset: r.bufferOffset, count: r.count, at: r.host)
+                try readHost(into: buffer, bufferOffset: r.bufferOffset, count: r.count, at: r.host)
             }
-            for p in pieces(offset: offset, count: count, clusterSize: clusterSize) {
+            for p in pieces(offset: offset, count: buffer.count, clusterSize: clusterSize) {
                 let mapping = classify(try l2Entry(forCluster: p.cluster))
                 if case .data(let host, _) = mapping {
                     let at = host + UInt64(p.offsetInCluster)
@@ -221,42 +242,46 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
                     continue
                 }
                 try flushRun()
-                let bytes: [UInt8]
+                let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[p.bufferOffset..<p.bufferOffset + p.count])
                 switch mapping {
-                case .zero, .data: continue
+                case .data: continue
+                case .zero: slice.initializeMemory(as: UInt8.self, repeating: 0)
                 case .unallocated:
-                    if backing == nil { continue }
-                    bytes = try backingBytes(at: offset + UInt64(p.bufferOffset), count: p.count)
+                    try backingBytes(into: slice, at: offset + UInt64(p.bufferOffset))
                 case .compressed(let host, let size):
-                    bytes = Array(try decompress(host: host, size: size)[p.offsetInCluster..<p.offsetInCluster + p.count])
+                    let bytes = try decompress(host: host, size: size)
+                    slice.copyBytes(from: bytes[p.offsetInCluster..<p.offsetInCluster + p.count])
                 }
-                out.replaceSubrange(p.bufferOffset..<p.bufferOffset + p.count, with: bytes)
             }
             try flushRun()
-            return out
         }
     }
 
-    /// Reads `count` bytes at host `offset` into `out[bufferOffset...]`. Bytes past the end of
-    /// the file stay zero (the buffer is already zeroed).
-    func readHost(into out: inout [UInt8], bufferOffset: Int, count: Int, at offset: UInt64) throws {
+    /// Reads `count` bytes at host `offset` into `out[bufferOffset...]`; bytes past the end of
+    /// the file read as zero.
+    func readHost(into out: UnsafeMutableRawBufferPointer, bufferOffset: Int, count: Int, at offset: UInt64) throws {
+        let slice = UnsafeMutableRawBufferPointer(rebasing: out[bufferOffset..<bufferOffset + count])
         let available = fileEnd > offset ? Int(min(UInt64(count), fileEnd - offset)) : 0
-        guard available > 0 else { return }
-        var failure: SystemError?
-        out.withUnsafeMutableBytes { buffer in
-            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[bufferOffset..<bufferOffset + available])
-            // SAFETY: the slice lies inside `out`, which outlives the call.
-            do throws(SystemError) { try file.readFully(into: slice, at: Int(offset)) } catch { failure = error }
+        if available < count {
+            UnsafeMutableRawBufferPointer(rebasing: slice[available...]).initializeMemory(as: UInt8.self, repeating: 0)
         }
-        // fileEnd is rounded up to a cluster, so a short last cluster ends the read early: the
-        // zero-filling read covers exactly that case.
-        if failure != nil {
+        guard available > 0 else { return }
+        let target = UnsafeMutableRawBufferPointer(rebasing: slice[0..<available])
+        do { try file.readFully(into: target, at: Int(offset)) } catch {
+            // fileEnd is rounded up to a cluster, so a short last cluster ends the read early:
+            // the zero-filling read covers exactly that case.
             let bytes = try pread(available, at: offset)
-            out.replaceSubrange(bufferOffset..<bufferOffset + available, with: bytes)
+            target.copyBytes(from: bytes)
         }
     }
 
     public func write(_ data: [UInt8], at offset: UInt64) throws {
+        try data.withUnsafeBytes { try write(from: $0, at: offset) }
+    }
+
+    /// Writes `data` at `offset`: runs of whole empty clusters become one allocation, clusters
+    /// this image owns are overwritten in place, others are copied on write.
+    public func write(from data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard !isReadOnly else { throw DiskError("\(path) is open read-only") }
         try checkRange(self, offset, UInt64(data.count))
         try lock.withLock { _ in
@@ -269,7 +294,7 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
                     i += run.count
                 } else {
                     let p = list[i]
-                    try writePiece(Array(data[p.bufferOffset..<p.bufferOffset + p.count]), p)
+                    try writePiece(UnsafeRawBufferPointer(rebasing: data[p.bufferOffset..<p.bufferOffset + p.count]), p)
                     i += 1
                 }
             }
@@ -303,10 +328,10 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
 
     /// Writes whole, empty clusters as one allocation: refcounts, then the data in one write, then
     /// the L2 entries in one write (the order of `writePiece`, so a crash leaks at most).
-    func writeFreshRun(_ data: [UInt8], _ run: ArraySlice<ClusterPiece>, l2Offset: UInt64) throws {
+    func writeFreshRun(_ data: UnsafeRawBufferPointer, _ run: ArraySlice<ClusterPiece>, l2Offset: UInt64) throws {
         guard let first = run.first else { return }
         let host = try allocateClusters(run.count)
-        try pwrite(Array(data[first.bufferOffset..<first.bufferOffset + run.count * clusterSize]), at: host)
+        try pwrite(UnsafeRawBufferPointer(rebasing: data[first.bufferOffset..<first.bufferOffset + run.count * clusterSize]), at: host)
         let firstIndex = Int(first.cluster % UInt64(l2Entries))
         let entries = (0..<run.count).map { (host + UInt64($0 * clusterSize)) | Self.copiedFlag }
         if l2Cache[l2Offset] == nil { _ = try l2Table(at: l2Offset) }
@@ -315,6 +340,10 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
     }
 
     func writePiece(_ bytes: [UInt8], _ p: ClusterPiece) throws {
+        try bytes.withUnsafeBytes { try writePiece($0, p) }
+    }
+
+    func writePiece(_ bytes: UnsafeRawBufferPointer, _ p: ClusterPiece) throws {
         let (l2Offset, index) = try writableL2(forCluster: p.cluster)
         let old = try l2Table(at: l2Offset)[index]
         let mapping = classify(old)
@@ -322,15 +351,14 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
             try pwrite(bytes, at: host + UInt64(p.offsetInCluster))
             return
         }
-        var content: [UInt8]
-        if p.count == clusterSize {
-            content = bytes
-        } else {
-            content = try clusterContents(mapping, cluster: p.cluster)
-            content.replaceSubrange(p.offsetInCluster..<p.offsetInCluster + p.count, with: bytes)
-        }
         let host = try allocateClusters(1)
-        try pwrite(content, at: host)
+        if p.count == clusterSize {
+            try pwrite(bytes, at: host)
+        } else {
+            var content = try clusterContents(mapping, cluster: p.cluster)
+            content.replaceSubrange(p.offsetInCluster..<p.offsetInCluster + p.count, with: bytes)
+            try pwrite(content, at: host)
+        }
         try setL2Entry(l2Offset, index, host | Self.copiedFlag)
         try release(mapping)
     }
