@@ -86,7 +86,8 @@ qemu-img compare -q "$src" "$work/n.qcow2" && qemu-img compare -q "$src" "$work/
 fio_row() { # name rw bs iodepth uri
     fio --name="$1" --ioengine=nbd --uri="$5" --rw="$2" --bs="$3" --iodepth="$4" --size="${size_mib}M" \
         --runtime="$seconds" --time_based --output-format=terse --terse-version=3 2>/dev/null |
-        awk -F';' -v rw="$2" 'NF > 50 { if (rw ~ /read/) print $8; else print $49 }'  # IOPS of reads or writes
+        awk -F';' -v rw="$2" 'NF > 50 {  # IOPS and median completion latency (µs) of reads or writes
+            o = (rw ~ /read/) ? 0 : 41; split($(24 + o), p, "="); print $(8 + o), p[2] }'
 }
 declare -a FIO_ROWS=("randread-4k-qd32 randread 4k 32" "randread-4k-qd1 randread 4k 1" "randwrite-4k-qd32 randwrite 4k 32"
     "randwrite-4k-qd1 randwrite 4k 1" "seqread-1m read 1m 8" "seqwrite-1m write 1m 8")
@@ -114,31 +115,36 @@ for ((r = 1; r <= runs; r++)); do
         ((r % 2)) || order="nimbus qemu"
         for server in $order; do
             sync  # the previous row's dirty pages are written back before this row starts
-            row "$1" "$server" "$(fio_row "$1" "$2" "$3" "$4" "nbd+unix:///?socket=$work/nbd-$server.sock")"
+            read -r iops p50 <<<"$(fio_row "$1" "$2" "$3" "$4" "nbd+unix:///?socket=$work/nbd-$server.sock")"
+            row "$1" "$server" "$iops"
+            [ "$4" != 1 ] || row "$1-p50" "$server" "$p50"  # at QD1 the median latency is the steadier figure
         done
     done
     kill $qpid $npid; wait $qpid $npid 2>/dev/null || true
 done
 
+ROWS=(convert-raw-to-qcow2 convert-qcow2-to-raw randread-4k-qd32 randread-4k-qd1 randread-4k-qd1-p50 randwrite-4k-qd32
+    randwrite-4k-qd1 randwrite-4k-qd1-p50 seqread-1m seqwrite-1m)
 echo
 echo "every run (qemu | nimbus):"
-for name in convert-raw-to-qcow2 convert-qcow2-to-raw randread-4k-qd32 randread-4k-qd1 randwrite-4k-qd32 randwrite-4k-qd1 seqread-1m seqwrite-1m; do
+for name in "${ROWS[@]}"; do
     printf '  %-22s %s| %s\n' "$name" "${R["$name|qemu"]}" "${R["$name|nimbus"]}"
 done
 # ratio: of the two medians. paired: the median of the per-run ratios (run r of qemu against run r
 # of nimbus, measured back to back), which cancels the drift of a noisy machine between runs.
 printf '\n%-22s %14s %14s %8s %8s  %s\n' row qemu nimbus ratio paired unit
-for name in convert-raw-to-qcow2 convert-qcow2-to-raw randread-4k-qd32 randread-4k-qd1 randwrite-4k-qd32 randwrite-4k-qd1 seqread-1m seqwrite-1m; do
+for name in "${ROWS[@]}"; do
     q=$(echo ${R["$name|qemu"]} | tr ' ' '\n' | median)
     n=$(echo ${R["$name|nimbus"]} | tr ' ' '\n' | median)
     read -ra qs <<<"${R["$name|qemu"]}"
     read -ra ns <<<"${R["$name|nimbus"]}"
     case $name in
-        convert*) unit="s (lower is better; ratio = qemu/nimbus)"; ratio=$(echo "$q / $n" | bc -l)
+        convert* | *-p50) unit="s (lower is better; ratio = qemu/nimbus)"; ratio=$(echo "$q / $n" | bc -l)
             paired=$(for i in "${!qs[@]}"; do echo "${qs[$i]} / ${ns[$i]}" | bc -l; done | median) ;;
         *) unit="IOPS (ratio = nimbus/qemu)"; ratio=$(echo "$n / $q" | bc -l)
             paired=$(for i in "${!qs[@]}"; do echo "${ns[$i]} / ${qs[$i]}" | bc -l; done | median) ;;
     esac
     [ "${name#seq}" = "$name" ] || unit="IOPS of 1 MiB (ratio = nimbus/qemu)"
+    [ "${name%-p50}" = "$name" ] || unit="µs, median completion latency (lower is better; ratio = qemu/nimbus)"
     printf '%-22s %14.3f %14.3f %8.2f %8.2f  %s\n' "$name" "$q" "$n" "$ratio" "$paired" "$unit"
 done

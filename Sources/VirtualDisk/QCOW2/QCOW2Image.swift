@@ -128,6 +128,14 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         fileEnd = max(fileEnd, (offset + UInt64(bytes.count) + UInt64(clusterSize) - 1) / UInt64(clusterSize) * UInt64(clusterSize))
     }
 
+    /// Makes the file at least `size` bytes long (the new bytes are a hole).
+    func extendFile(to size: UInt64) throws {
+        do {
+            if try file.size() < Int(size) { try file.truncate(to: Int(size)) }
+        } catch { throw mapError("extending \(path)", error) }
+        fileEnd = max(fileEnd, size)
+    }
+
     // MARK: mapping
 
     func l2Table(at offset: UInt64) throws -> [UInt64] {
@@ -351,9 +359,22 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
             try pwrite(bytes, at: host + UInt64(p.offsetInCluster))
             return
         }
+        let endBefore = fileEnd
         let host = try allocateClusters(1)
+        let readsAsZeros: Bool
+        switch mapping {
+        case .zero: readsAsZeros = true
+        case .unallocated: readsAsZeros = backing == nil
+        case .data, .compressed: readsAsZeros = false
+        }
         if p.count == clusterSize {
             try pwrite(bytes, at: host)
+        } else if readsAsZeros && host >= endBefore {
+            // A new cluster past the old end of the file is a hole that reads as zeros: only
+            // the piece is written (not a whole cluster of zeros), and the file is extended to
+            // cover the cluster so that no table points past its end.
+            try pwrite(bytes, at: host + UInt64(p.offsetInCluster))
+            try extendFile(to: host + UInt64(clusterSize))
         } else {
             var content = try clusterContents(mapping, cluster: p.cluster)
             content.replaceSubrange(p.offsetInCluster..<p.offsetInCluster + p.count, with: bytes)
