@@ -175,21 +175,31 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: transmission
 
-    func simpleReply(_ context: ChannelHandlerContext, cookie: UInt64, error: UInt32) {
-        var b = context.channel.allocator.buffer(capacity: 16)
+    /// The 16-byte header of a simple reply.
+    static func writeSimpleHeader(_ b: inout ByteBuffer, cookie: UInt64, error: UInt32) {
         b.writeInteger(NBD.simpleReplyMagic)
         b.writeInteger(error)
         b.writeInteger(cookie)
+    }
+
+    /// The 20-byte header of a structured reply chunk carrying `length` payload bytes.
+    static func writeChunkHeader(_ b: inout ByteBuffer, cookie: UInt64, type: UInt16, done: Bool, length: Int) {
+        b.writeInteger(NBD.structuredReplyMagic)
+        b.writeInteger(done ? NBD.replyFlagDone : 0)
+        b.writeInteger(type)
+        b.writeInteger(cookie)
+        b.writeInteger(UInt32(length))
+    }
+
+    func simpleReply(_ context: ChannelHandlerContext, cookie: UInt64, error: UInt32) {
+        var b = context.channel.allocator.buffer(capacity: 16)
+        Self.writeSimpleHeader(&b, cookie: cookie, error: error)
         context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
     }
 
     func chunk(_ context: ChannelHandlerContext, cookie: UInt64, type: UInt16, done: Bool, payload: ByteBuffer) {
         var b = context.channel.allocator.buffer(capacity: 20 + payload.readableBytes)
-        b.writeInteger(NBD.structuredReplyMagic)
-        b.writeInteger(done ? NBD.replyFlagDone : 0)
-        b.writeInteger(type)
-        b.writeInteger(cookie)
-        b.writeInteger(UInt32(payload.readableBytes))
+        Self.writeChunkHeader(&b, cookie: cookie, type: type, done: done, length: payload.readableBytes)
         var p = payload
         b.writeBuffer(&p)
         context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
@@ -227,16 +237,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
                 let count = Int(request.length)
                 var b = context.channel.allocator.buffer(capacity: 28 + count)
                 if structured {
-                    b.writeInteger(NBD.structuredReplyMagic)
-                    b.writeInteger(NBD.replyFlagDone)
-                    b.writeInteger(NBD.replyOffsetData)
-                    b.writeInteger(request.cookie)
-                    b.writeInteger(UInt32(8 + count))
+                    Self.writeChunkHeader(&b, cookie: request.cookie, type: NBD.replyOffsetData, done: true, length: 8 + count)
                     b.writeInteger(request.offset)
                 } else {
-                    b.writeInteger(NBD.simpleReplyMagic)
-                    b.writeInteger(UInt32(0))
-                    b.writeInteger(request.cookie)
+                    Self.writeSimpleHeader(&b, cookie: request.cookie, error: 0)
                 }
                 try b.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
                     try image.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<count]), at: request.offset)

@@ -38,48 +38,52 @@ public enum DiskCopy {
         let chunks = (0..<depth).map { _ in Chunk() }
         var next = 0
         var done: UInt64 = 0
-        defer { writer.sync {} }  // every enqueued write has ended before the buffers go away
-        for extent in try source.map(at: 0, length: size) {
-            if extent.zero && !extent.data {
-                done += extent.length
-                progress(done, size)
-                continue
-            }
-            var at = extent.start
-            let end = extent.start + extent.length
-            while at < end {
-                free.wait()
-                // A dispatch semaphore must be back at its initial value when it is freed: a
-                // permit not handed to the writer is returned on the way out.
-                var handedOver = false
-                defer { if !handedOver { free.signal() } }
-                if let error = failure.withLock({ $0 }) { throw error }
-                let chunk = chunks[next % depth]
-                next += 1
-                chunk.offset = at
-                chunk.count = Int(min(UInt64(chunkSize), end - at))
-                try chunk.bytes.withUnsafeMutableBytes { raw in
-                    try source.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<chunk.count]), at: chunk.offset)
+        func readAll() throws {
+            for extent in try source.map(at: 0, length: size) {
+                if extent.zero && !extent.data {
+                    done += extent.length
+                    progress(done, size)
+                    continue
                 }
-                handedOver = true
-                writer.async {
-                    defer { free.signal() }
-                    guard failure.withLock({ $0 == nil }) else { return }
-                    do {
-                        try chunk.bytes.withUnsafeBytes { raw in
-                            try writeNonZeroRuns(UnsafeRawBufferPointer(rebasing: raw[0..<chunk.count]), to: target, at: chunk.offset)
-                        }
-                    } catch {
-                        failure.withLock { $0 = error }
+                var at = extent.start
+                let end = extent.start + extent.length
+                while at < end {
+                    free.wait()
+                    // A dispatch semaphore must be back at its initial value when it is freed: a
+                    // permit not handed to the writer is returned on the way out.
+                    var handedOver = false
+                    defer { if !handedOver { free.signal() } }
+                    if let error = failure.withLock({ $0 }) { throw error }
+                    let chunk = chunks[next % depth]
+                    next += 1
+                    chunk.offset = at
+                    chunk.count = Int(min(UInt64(chunkSize), end - at))
+                    try chunk.bytes.withUnsafeMutableBytes { raw in
+                        try source.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<chunk.count]), at: chunk.offset)
                     }
+                    handedOver = true
+                    writer.async {
+                        defer { free.signal() }
+                        guard failure.withLock({ $0 == nil }) else { return }
+                        do {
+                            try chunk.bytes.withUnsafeBytes { raw in
+                                try writeNonZeroRuns(UnsafeRawBufferPointer(rebasing: raw[0..<chunk.count]), to: target, at: chunk.offset)
+                            }
+                        } catch {
+                            failure.withLock { $0 = error }
+                        }
+                    }
+                    at += UInt64(chunk.count)
+                    done += UInt64(chunk.count)
+                    progress(done, size)
                 }
-                at += UInt64(chunk.count)
-                done += UInt64(chunk.count)
-                progress(done, size)
             }
         }
+        // Every enqueued write ends before the buffers go away and before any error is reported.
+        var readError: (any Error)?
+        do { try readAll() } catch { readError = error }
         writer.sync {}
-        if let error = failure.withLock({ $0 }) { throw error }
+        if let error = failure.withLock({ $0 }) ?? readError { throw error }
     }
 
     /// Writes the pieces of `data` (cut at `zeroGranularity`) that hold a non-zero byte, joining
