@@ -52,7 +52,7 @@ let package = Package(
             name: "NBD",
             dependencies: [
                 "VirtualDisk", "LinuxSystem", .product(name: "Logging", package: "swift-log"),
-                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: strict),
         // Layer 2: virtio-mmio transport, split virtqueues, and the block, net, vsock and rng devices.
@@ -138,7 +138,10 @@ let package = Package(
             ],
             swiftSettings: strict),
         .testTarget(
-            name: "VirtualDiskTests", dependencies: ["VirtualDisk", "NBD", .product(name: "NIOCore", package: "swift-nio")],
+            name: "VirtualDiskTests",
+            dependencies: [
+                "VirtualDisk", "NBD", "LinuxSystem", .product(name: "NIOCore", package: "swift-nio"), .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict),
         .testTarget(
             name: "VMMTests", dependencies: ["VMM", "Devices", "GuestMemory", "KVM", "LinuxSystem", "Virtio", "VirtualDisk"],

@@ -20,6 +20,9 @@
 #include <linux/if_packet.h>
 #include <linux/if_ether.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <netdb.h>
+#include <stdio.h>
 
 /// Closes a descriptor whose setup failed and returns -1 with the failure's errno kept.
 static int nimbus_close_failed(int fd) {
@@ -153,6 +156,57 @@ int nimbus_unix_listen(const char *path, int backlog) {
 }
 
 int nimbus_accept_nonblocking(int fd) { return accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }
+
+int nimbus_tcp_listen(const char *host, int port, int backlog) {
+    if (port < 0 || port > 65535) { errno = EINVAL; return -1; }
+    char service[8];
+    snprintf(service, sizeof service, "%d", port);
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    struct addrinfo *list = NULL;
+    if (getaddrinfo(host, service, &hints, &list) != 0 || list == NULL) { errno = EADDRNOTAVAIL; return -1; }
+    int fd = -1;
+    int saved = EADDRNOTAVAIL;
+    for (struct addrinfo *a = list; a != NULL; a = a->ai_next) {
+        fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) { saved = errno; continue; }
+        int on = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+        if (bind(fd, a->ai_addr, a->ai_addrlen) == 0 && listen(fd, backlog) == 0) break;
+        saved = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(list);
+    if (fd < 0) errno = saved;
+    return fd;
+}
+
+int nimbus_accept_blocking(int fd) {
+    int conn = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+    if (conn < 0) return -1;
+    struct sockaddr_storage address;
+    socklen_t length = sizeof address;
+    if (getsockname(conn, (struct sockaddr *)&address, &length) == 0 &&
+        (address.ss_family == AF_INET || address.ss_family == AF_INET6)) {
+        int on = 1;
+        setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    }
+    return conn;
+}
+
+int nimbus_local_port(int fd) {
+    struct sockaddr_storage address;
+    socklen_t length = sizeof address;
+    if (getsockname(fd, (struct sockaddr *)&address, &length) != 0) return -1;
+    if (address.ss_family == AF_INET) return ntohs(((struct sockaddr_in *)&address)->sin_port);
+    if (address.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&address)->sin6_port);
+    errno = EAFNOSUPPORT;
+    return -1;
+}
 
 // MARK: switch ports
 

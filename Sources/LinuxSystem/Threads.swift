@@ -42,6 +42,11 @@ public final class NativeThread: @unchecked Sendable {
         return thread
     }
 
+    /// Lets the thread's resources go when it ends, for a thread nobody will join.
+    public func detach() {
+        _ = pthread_detach(handle)
+    }
+
     /// Waits for the thread to finish.
     public func join() {
         _ = pthread_join(handle, nil)

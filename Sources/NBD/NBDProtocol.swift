@@ -112,19 +112,8 @@ public struct NBDProtocolError: Error, CustomStringConvertible, Sendable {
 }
 
 /// Decodes the client's side of the protocol. `phase` is advanced by the server handler.
-public final class NBDDecoder: ByteToMessageDecoder {
-    public typealias InboundOut = NBDEvent
+public enum NBDDecoder {
     public enum Phase: Sendable { case clientFlags, options, transmission }
-    public var phase: Phase = .clientFlags
-
-    public init() {}
-
-    public func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let event = try Self.decodeOne(&buffer, phase: phase) else { return .needMoreData }
-        if case .clientFlags = event { phase = .options }
-        context.fireChannelRead(wrapInboundOut(event))
-        return .continue
-    }
 
     /// Decodes one event from `buffer`, or returns nil (leaving `buffer` untouched) if more bytes are needed.
     public static func decodeOne(_ buffer: inout ByteBuffer, phase: Phase) throws -> NBDEvent? {
@@ -147,22 +136,30 @@ public final class NBDDecoder: ByteToMessageDecoder {
             buffer.moveReaderIndex(forwardBy: 16)
             return .option(type: type, data: buffer.readBytes(length: Int(length)) ?? [])
         case .transmission:
-            guard buffer.readableBytes >= 28 else { return nil }
-            let start = buffer.readerIndex
-            guard let magic = buffer.getInteger(at: start, as: UInt32.self), let flags = buffer.getInteger(at: start + 4, as: UInt16.self),
-                let type = buffer.getInteger(at: start + 6, as: UInt16.self), let cookie = buffer.getInteger(at: start + 8, as: UInt64.self),
-                let offset = buffer.getInteger(at: start + 16, as: UInt64.self), let length = buffer.getInteger(at: start + 24, as: UInt32.self)
-            else { return nil }
-            guard magic == NBD.requestMagic else { throw NBDProtocolError(description: "bad request magic 0x\(String(magic, radix: 16))") }
-            var payloadLength = 0
-            if type == NBD.cmdWrite {
-                guard length <= NBD.maxPayload else { throw NBDProtocolError(description: "write of \(length) bytes exceeds \(NBD.maxPayload)") }
-                payloadLength = Int(length)
-            }
-            guard buffer.readableBytes >= 28 + payloadLength else { return nil }
-            buffer.moveReaderIndex(forwardBy: 28)
-            let payload = payloadLength > 0 ? (buffer.readBytes(length: payloadLength) ?? []) : []
-            return .request(NBDRequest(flags: flags, type: type, cookie: cookie, offset: offset, length: length, payload: payload))
+            guard var request = try decodeRequestHeader(&buffer) else { return nil }
+            if request.type == NBD.cmdWrite { request.payload = buffer.readBytes(length: Int(request.length)) ?? [] }
+            return .request(request)
         }
+    }
+
+    /// Decodes a transmission-phase request once its header and (for WRITE) its whole payload
+    /// are in `buffer`, and moves past the header only: the payload, `length` bytes, comes next.
+    /// Returns nil (leaving `buffer` untouched) if more bytes are needed; `payload` is empty.
+    public static func decodeRequestHeader(_ buffer: inout ByteBuffer) throws -> NBDRequest? {
+        guard buffer.readableBytes >= 28 else { return nil }
+        let start = buffer.readerIndex
+        guard let magic = buffer.getInteger(at: start, as: UInt32.self), let flags = buffer.getInteger(at: start + 4, as: UInt16.self),
+            let type = buffer.getInteger(at: start + 6, as: UInt16.self), let cookie = buffer.getInteger(at: start + 8, as: UInt64.self),
+            let offset = buffer.getInteger(at: start + 16, as: UInt64.self), let length = buffer.getInteger(at: start + 24, as: UInt32.self)
+        else { return nil }
+        guard magic == NBD.requestMagic else { throw NBDProtocolError(description: "bad request magic 0x\(String(magic, radix: 16))") }
+        var payloadLength = 0
+        if type == NBD.cmdWrite {
+            guard length <= NBD.maxPayload else { throw NBDProtocolError(description: "write of \(length) bytes exceeds \(NBD.maxPayload)") }
+            payloadLength = Int(length)
+        }
+        guard buffer.readableBytes >= 28 + payloadLength else { return nil }
+        buffer.moveReaderIndex(forwardBy: 28)
+        return NBDRequest(flags: flags, type: type, cookie: cookie, offset: offset, length: length, payload: [])
     }
 }

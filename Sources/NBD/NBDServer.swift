@@ -2,10 +2,11 @@
 // clients at once: fixed-newstyle negotiation (EXPORT_NAME, LIST, INFO, GO, STRUCTURED_REPLY,
 // LIST/SET_META_CONTEXT with base:allocation), and READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
 // BLOCK_STATUS, CACHE and DISC.
+import Dispatch
 import LinuxSystem
 import Logging
 import NIOCore
-import NIOPosix
+import Synchronization
 import VirtualDisk
 
 /// What is exported, and how.
@@ -29,132 +30,131 @@ public struct NBDExport: Sendable {
     }
 }
 
-final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
-    // SAFETY (Sendable): NIO confines a handler to its channel's event loop.
-    typealias InboundIn = NBDEvent
-    typealias OutboundOut = ByteBuffer
-
+/// One client's protocol state, independent of the transport: the connection's thread feeds it
+/// the bytes it received and sends what it appends to `out`.
+final class NBDSession {
     let export: NBDExport
-    let decoder: NBDDecoder
     let logger: Logger
+    var phase: NBDDecoder.Phase = .clientFlags
     var noZeroes = false
     var structured = false
     var metaContextBaseAllocation = false
+    /// Set when the connection is to be closed once `out` has been sent.
+    var closing = false
 
-    init(export: NBDExport, decoder: NBDDecoder, logger: Logger) {
+    init(export: NBDExport, logger: Logger) {
         self.export = export
-        self.decoder = decoder
         self.logger = logger
     }
 
-    func channelActive(context: ChannelHandlerContext) {
-        var b = context.channel.allocator.buffer(capacity: 18)
-        b.writeInteger(NBD.initMagic)
-        b.writeInteger(NBD.optionMagic)
-        b.writeInteger(NBD.flagFixedNewstyle | NBD.flagNoZeroes)
-        context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+    /// The server's first message.
+    func greeting(into out: inout ByteBuffer) {
+        out.writeInteger(NBD.initMagic)
+        out.writeInteger(NBD.optionMagic)
+        out.writeInteger(NBD.flagFixedNewstyle | NBD.flagNoZeroes)
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
-        case .clientFlags(let flags):
-            noZeroes = flags & NBD.clientNoZeroes != 0
-        case .option(let type, let payload):
-            handleOption(context: context, type: type, data: payload)
-        case .request(let request):
-            handleRequest(context: context, request)
+    /// Handles the next complete message in `input`, appending replies to `out`. Returns false
+    /// (consuming nothing) when `input` does not hold a whole message yet. A WRITE's payload is
+    /// handed to the image straight from `input`.
+    func process(_ input: inout ByteBuffer, into out: inout ByteBuffer) throws -> Bool {
+        guard phase == .transmission else {
+            guard let event = try NBDDecoder.decodeOne(&input, phase: phase) else { return false }
+            switch event {
+            case .clientFlags(let flags):
+                noZeroes = flags & NBD.clientNoZeroes != 0
+                phase = .options
+            case .option(let type, let payload):
+                handleOption(type: type, data: payload, into: &out)
+            case .request:
+                break  // decodeOne returns requests only in the transmission phase
+            }
+            return true
         }
-    }
-
-    /// Replies to a batch of pipelined requests go out in one flush.
-    func channelReadComplete(context: ChannelHandlerContext) {
-        context.flush()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        logger.info("NBD client \(context.remoteAddress.map { "\($0)" } ?? "?"): \(error); closing")
-        context.close(promise: nil)
+        guard let request = try NBDDecoder.decodeRequestHeader(&input) else { return false }
+        let payloadLength = request.type == NBD.cmdWrite ? Int(request.length) : 0
+        input.withUnsafeReadableBytes { raw in
+            handleRequest(request, payload: UnsafeRawBufferPointer(rebasing: raw[0..<payloadLength]), into: &out)
+        }
+        input.moveReaderIndex(forwardBy: payloadLength)
+        return true
     }
 
     // MARK: handshake
 
-    func optionReply(_ context: ChannelHandlerContext, option: UInt32, type: UInt32, data: [UInt8] = [], flush: Bool = true) {
-        var b = context.channel.allocator.buffer(capacity: 20 + data.count)
-        b.writeInteger(NBD.optionReplyMagic)
-        b.writeInteger(option)
-        b.writeInteger(type)
-        b.writeInteger(UInt32(data.count))
-        b.writeBytes(data)
-        if flush { context.writeAndFlush(wrapOutboundOut(b), promise: nil) } else { context.write(wrapOutboundOut(b), promise: nil) }
+    func optionReply(_ out: inout ByteBuffer, option: UInt32, type: UInt32, data: [UInt8] = []) {
+        out.writeInteger(NBD.optionReplyMagic)
+        out.writeInteger(option)
+        out.writeInteger(type)
+        out.writeInteger(UInt32(data.count))
+        out.writeBytes(data)
     }
 
-    func errorReply(_ context: ChannelHandlerContext, option: UInt32, type: UInt32, _ message: String) {
-        optionReply(context, option: option, type: type, data: Array(message.utf8))
+    func errorReply(_ out: inout ByteBuffer, option: UInt32, type: UInt32, _ message: String) {
+        optionReply(&out, option: option, type: type, data: Array(message.utf8))
     }
 
-    func handleOption(context: ChannelHandlerContext, type: UInt32, data: [UInt8]) {
+    func handleOption(type: UInt32, data: [UInt8], into out: inout ByteBuffer) {
         var r = ByteBuffer(bytes: data)
         switch type {
         case NBD.optExportName:
             guard String(decoding: data, as: UTF8.self) == export.name || data.isEmpty else {
-                context.close(promise: nil)  // EXPORT_NAME has no error reply: the spec says to disconnect
+                closing = true  // EXPORT_NAME has no error reply: the spec says to disconnect
                 return
             }
-            var b = context.channel.allocator.buffer(capacity: 134)
-            b.writeInteger(export.image.virtualSize)
-            b.writeInteger(export.transmissionFlags)
-            if !noZeroes { b.writeBytes([UInt8](repeating: 0, count: 124)) }
-            context.writeAndFlush(wrapOutboundOut(b), promise: nil)
-            decoder.phase = .transmission
+            out.writeInteger(export.image.virtualSize)
+            out.writeInteger(export.transmissionFlags)
+            if !noZeroes { out.writeRepeatingByte(0, count: 124) }
+            phase = .transmission
         case NBD.optAbort:
-            optionReply(context, option: type, type: NBD.repAck)
-            context.close(promise: nil)
+            optionReply(&out, option: type, type: NBD.repAck)
+            closing = true
         case NBD.optList:
-            guard data.isEmpty else { return errorReply(context, option: type, type: NBD.repErrInvalid, "LIST takes no data") }
+            guard data.isEmpty else { return errorReply(&out, option: type, type: NBD.repErrInvalid, "LIST takes no data") }
             var entry = ByteBuffer()
             entry.writeInteger(UInt32(export.name.utf8.count))
             entry.writeString(export.name)
             entry.writeString(export.description)
-            optionReply(context, option: type, type: NBD.repServer, data: Array(entry.readableBytesView), flush: false)
-            optionReply(context, option: type, type: NBD.repAck)
+            optionReply(&out, option: type, type: NBD.repServer, data: Array(entry.readableBytesView))
+            optionReply(&out, option: type, type: NBD.repAck)
         case NBD.optInfo, NBD.optGo:
             guard let nameLength = r.readInteger(as: UInt32.self), nameLength <= 4096, let name = r.readString(length: Int(nameLength)),
                 let count = r.readInteger(as: UInt16.self), r.readableBytes == Int(count) * 2
-            else { return errorReply(context, option: type, type: NBD.repErrInvalid, "malformed INFO/GO request") }
+            else { return errorReply(&out, option: type, type: NBD.repErrInvalid, "malformed INFO/GO request") }
             guard name == export.name || name.isEmpty else {
-                return errorReply(context, option: type, type: NBD.repErrUnknown, "no export named \"\(name)\"")
+                return errorReply(&out, option: type, type: NBD.repErrUnknown, "no export named \"\(name)\"")
             }
             var info = ByteBuffer()
             info.writeInteger(NBD.infoExport)
             info.writeInteger(export.image.virtualSize)
             info.writeInteger(export.transmissionFlags)
-            optionReply(context, option: type, type: NBD.repInfo, data: Array(info.readableBytesView), flush: false)
+            optionReply(&out, option: type, type: NBD.repInfo, data: Array(info.readableBytesView))
             var sizes = ByteBuffer()
             sizes.writeInteger(NBD.infoBlockSize)
             sizes.writeInteger(UInt32(1))
             sizes.writeInteger(UInt32(4096))
             sizes.writeInteger(UInt32(NBD.maxPayload))
-            optionReply(context, option: type, type: NBD.repInfo, data: Array(sizes.readableBytesView), flush: false)
-            optionReply(context, option: type, type: NBD.repAck)
-            if type == NBD.optGo { decoder.phase = .transmission }
+            optionReply(&out, option: type, type: NBD.repInfo, data: Array(sizes.readableBytesView))
+            optionReply(&out, option: type, type: NBD.repAck)
+            if type == NBD.optGo { phase = .transmission }
         case NBD.optStructuredReply:
-            guard data.isEmpty else { return errorReply(context, option: type, type: NBD.repErrInvalid, "STRUCTURED_REPLY takes no data") }
+            guard data.isEmpty else { return errorReply(&out, option: type, type: NBD.repErrInvalid, "STRUCTURED_REPLY takes no data") }
             structured = true
-            optionReply(context, option: type, type: NBD.repAck)
+            optionReply(&out, option: type, type: NBD.repAck)
         case NBD.optListMetaContext, NBD.optSetMetaContext:
             guard structured || type == NBD.optListMetaContext else {
-                return errorReply(context, option: type, type: NBD.repErrInvalid, "negotiate structured replies first")
+                return errorReply(&out, option: type, type: NBD.repErrInvalid, "negotiate structured replies first")
             }
             guard let nameLength = r.readInteger(as: UInt32.self), nameLength <= 4096, let name = r.readString(length: Int(nameLength)),
                 let queries = r.readInteger(as: UInt32.self), queries <= 256
-            else { return errorReply(context, option: type, type: NBD.repErrInvalid, "malformed meta context request") }
+            else { return errorReply(&out, option: type, type: NBD.repErrInvalid, "malformed meta context request") }
             guard name == export.name || name.isEmpty else {
-                return errorReply(context, option: type, type: NBD.repErrUnknown, "no export named \"\(name)\"")
+                return errorReply(&out, option: type, type: NBD.repErrUnknown, "no export named \"\(name)\"")
             }
             var wanted = queries == 0 && type == NBD.optListMetaContext
             for _ in 0..<queries {
                 guard let length = r.readInteger(as: UInt32.self), length <= 4096, let query = r.readString(length: Int(length)) else {
-                    return errorReply(context, option: type, type: NBD.repErrInvalid, "malformed meta context query")
+                    return errorReply(&out, option: type, type: NBD.repErrInvalid, "malformed meta context query")
                 }
                 if query == "base:allocation" || (type == NBD.optListMetaContext && query == "base:") { wanted = true }
             }
@@ -162,14 +162,14 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
                 var reply = ByteBuffer()
                 reply.writeInteger(UInt32(1))
                 reply.writeString("base:allocation")
-                optionReply(context, option: type, type: NBD.repMetaContext, data: Array(reply.readableBytesView), flush: false)
+                optionReply(&out, option: type, type: NBD.repMetaContext, data: Array(reply.readableBytesView))
             }
             if type == NBD.optSetMetaContext { metaContextBaseAllocation = wanted }
-            optionReply(context, option: type, type: NBD.repAck)
+            optionReply(&out, option: type, type: NBD.repAck)
         case NBD.optStartTLS:
-            errorReply(context, option: type, type: NBD.repErrPolicy, "TLS is not offered by this server")
+            errorReply(&out, option: type, type: NBD.repErrPolicy, "TLS is not offered by this server")
         default:
-            errorReply(context, option: type, type: NBD.repErrUnsupported, "option \(type) is not supported")
+            errorReply(&out, option: type, type: NBD.repErrUnsupported, "option \(type) is not supported")
         }
     }
 
@@ -191,82 +191,76 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
         b.writeInteger(UInt32(length))
     }
 
-    func simpleReply(_ context: ChannelHandlerContext, cookie: UInt64, error: UInt32) {
-        var b = context.channel.allocator.buffer(capacity: 16)
-        Self.writeSimpleHeader(&b, cookie: cookie, error: error)
-        context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
-    }
-
-    func chunk(_ context: ChannelHandlerContext, cookie: UInt64, type: UInt16, done: Bool, payload: ByteBuffer) {
-        var b = context.channel.allocator.buffer(capacity: 20 + payload.readableBytes)
-        Self.writeChunkHeader(&b, cookie: cookie, type: type, done: done, length: payload.readableBytes)
+    func chunk(_ out: inout ByteBuffer, cookie: UInt64, type: UInt16, payload: ByteBuffer) {
+        Self.writeChunkHeader(&out, cookie: cookie, type: type, done: true, length: payload.readableBytes)
         var p = payload
-        b.writeBuffer(&p)
-        context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
+        out.writeBuffer(&p)
     }
 
-    func reply(_ context: ChannelHandlerContext, _ request: NBDRequest, error: UInt32, message: String = "") {
+    func reply(_ out: inout ByteBuffer, _ request: NBDRequest, error: UInt32, message: String = "") {
         if structured && error != 0 {
+            let text = message.utf8.prefix(4096)
             var p = ByteBuffer()
             p.writeInteger(error)
-            p.writeInteger(UInt16(message.utf8.count))
-            p.writeString(message)
-            chunk(context, cookie: request.cookie, type: NBD.replyError, done: true, payload: p)
+            p.writeInteger(UInt16(text.count))
+            p.writeBytes(text)
+            chunk(&out, cookie: request.cookie, type: NBD.replyError, payload: p)
         } else if structured {
-            chunk(context, cookie: request.cookie, type: NBD.replyNone, done: true, payload: ByteBuffer())
+            chunk(&out, cookie: request.cookie, type: NBD.replyNone, payload: ByteBuffer())
         } else {
-            simpleReply(context, cookie: request.cookie, error: error)
+            Self.writeSimpleHeader(&out, cookie: request.cookie, error: error)
         }
     }
 
-    func handleRequest(context: ChannelHandlerContext, _ request: NBDRequest) {
+    func handleRequest(_ request: NBDRequest, payload: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
         let image = export.image
         let size = image.virtualSize
         let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
         let ranged = [NBD.cmdRead, NBD.cmdWrite, NBD.cmdTrim, NBD.cmdWriteZeroes, NBD.cmdBlockStatus, NBD.cmdCache].contains(request.type)
         if ranged && (overflow || end > size) {
-            return reply(context, request, error: NBD.EINVAL, message: "request past the end of the export")
+            return reply(&out, request, error: NBD.EINVAL, message: "request past the end of the export")
         }
         let writes = [NBD.cmdWrite, NBD.cmdTrim, NBD.cmdWriteZeroes].contains(request.type)
-        if writes && export.readOnly { return reply(context, request, error: NBD.EPERM, message: "the export is read-only") }
+        if writes && export.readOnly { return reply(&out, request, error: NBD.EPERM, message: "the export is read-only") }
+        var mark: Int?
         do {
             switch request.type {
             case NBD.cmdRead:
-                guard request.length <= NBD.maxPayload else { return reply(context, request, error: NBD.EINVAL, message: "read too large") }
-                // The reply is built in one buffer and the image reads straight into it.
+                guard request.length <= NBD.maxPayload else { return reply(&out, request, error: NBD.EINVAL, message: "read too large") }
+                // The header goes out first and the image reads straight in behind it; a failed
+                // read takes the header back before the error reply.
                 let count = Int(request.length)
-                var b = context.channel.allocator.buffer(capacity: 28 + count)
+                mark = out.writerIndex
                 if structured {
-                    Self.writeChunkHeader(&b, cookie: request.cookie, type: NBD.replyOffsetData, done: true, length: 8 + count)
-                    b.writeInteger(request.offset)
+                    Self.writeChunkHeader(&out, cookie: request.cookie, type: NBD.replyOffsetData, done: true, length: 8 + count)
+                    out.writeInteger(request.offset)
                 } else {
-                    Self.writeSimpleHeader(&b, cookie: request.cookie, error: 0)
+                    Self.writeSimpleHeader(&out, cookie: request.cookie, error: 0)
                 }
-                try b.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
+                try out.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
                     try image.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<count]), at: request.offset)
                     return count
                 }
-                context.write(wrapOutboundOut(b), promise: nil)  // flushed in channelReadComplete
             case NBD.cmdWrite:
-                try image.write(request.payload, at: request.offset)
+                try image.write(from: payload, at: request.offset)
                 if request.flags & NBD.cmdFlagFUA != 0 { try image.flush() }
-                reply(context, request, error: 0)
+                reply(&out, request, error: 0)
             case NBD.cmdFlush:
                 try image.flush()
-                reply(context, request, error: 0)
+                reply(&out, request, error: 0)
             case NBD.cmdTrim:
                 try image.discard(at: request.offset, length: UInt64(request.length))
                 if request.flags & NBD.cmdFlagFUA != 0 { try image.flush() }
-                reply(context, request, error: 0)
+                reply(&out, request, error: 0)
             case NBD.cmdWriteZeroes:
                 try image.writeZeroes(at: request.offset, length: UInt64(request.length))
                 if request.flags & NBD.cmdFlagFUA != 0 { try image.flush() }
-                reply(context, request, error: 0)
+                reply(&out, request, error: 0)
             case NBD.cmdCache:
-                reply(context, request, error: 0)
+                reply(&out, request, error: 0)
             case NBD.cmdBlockStatus:
                 guard structured && metaContextBaseAllocation else {
-                    return reply(context, request, error: NBD.EINVAL, message: "negotiate base:allocation first")
+                    return reply(&out, request, error: NBD.EINVAL, message: "negotiate base:allocation first")
                 }
                 var extents = try image.map(at: request.offset, length: UInt64(max(request.length, 1)))
                 if request.flags & NBD.cmdFlagReqOne != 0 { extents = Array(extents.prefix(1)) }
@@ -281,71 +275,154 @@ final class NBDConnectionHandler: ChannelInboundHandler, @unchecked Sendable {
                         length -= UInt64(n)
                     }
                 }
-                chunk(context, cookie: request.cookie, type: NBD.replyBlockStatus, done: true, payload: p)
+                chunk(&out, cookie: request.cookie, type: NBD.replyBlockStatus, payload: p)
             case NBD.cmdDisconnect:
                 try? image.flush()
-                context.flush()
-                context.close(promise: nil)
+                closing = true
             default:
-                reply(context, request, error: NBD.EINVAL, message: "command \(request.type) is not supported")
+                reply(&out, request, error: NBD.EINVAL, message: "command \(request.type) is not supported")
             }
         } catch {
             logger.info("NBD request \(request.type) at \(request.offset) failed: \(error)")
-            reply(context, request, error: NBD.EIO, message: "\(error)")
+            if let mark { out.moveWriterIndex(to: mark) }
+            reply(&out, request, error: NBD.EIO, message: "\(error)")
         }
     }
 }
 
-/// A listening NBD server.
+/// A listening NBD server. Each connection gets its own thread that blocks in recv, handles every
+/// request that arrived in one read, and sends their replies in one send: a request costs a recv,
+/// the image's I/O and a send, with no event loop between them.
 public final class NBDServer: Sendable {
-    let group: MultiThreadedEventLoopGroup
-    let channel: any Channel
     public let export: NBDExport
-    let unixPath: String?
+    let listener: StreamListener
+    let logger: Logger
+    let acceptor = Mutex<NativeThread?>(nil)
+    let state = Mutex(State())
+    let finished = DispatchGroup()
+
+    struct State {
+        var connections: [Int: OwnedFileDescriptor] = [:]
+        var nextID = 0
+        var stopping = false
+    }
 
     public enum Address: Sendable {
         case unix(String)
         case tcp(host: String, port: Int)
     }
 
-    public init(export: NBDExport, address: Address, threads: Int = System.coreCount, logger: Logger) throws {
+    /// Replies are sent once this much has accumulated, even mid-batch.
+    static let sendThreshold = 1 << 20
+    /// The receive buffer always has room for at least this much.
+    static let receiveChunk = 256 << 10
+
+    public init(export: NBDExport, address: Address, logger: Logger) throws {
         self.export = export
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 64)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let decoder = NBDDecoder()
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(decoder))
-                    try channel.pipeline.syncOperations.addHandler(NBDConnectionHandler(export: export, decoder: decoder, logger: logger))
-                }
-            }
+        self.logger = logger
         do {
             switch address {
-            case .unix(let path):
-                unixPath = path
-                channel = try bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).wait()
-            case .tcp(let host, let port):
-                unixPath = nil
-                channel = try bootstrap.bind(host: host, port: port).wait()
+            case .unix(let path): listener = try StreamListener.unix(path: path, backlog: 64)
+            case .tcp(let host, let port): listener = try StreamListener.tcp(host: host, port: port, backlog: 64)
             }
         } catch {
-            try? group.syncShutdownGracefully()
             throw DiskError("cannot listen for NBD clients: \(error)")
         }
-        self.group = group
+        do {
+            let thread = try NativeThread.start(name: "nbd-accept") { [self] in acceptLoop() }
+            acceptor.withLock { $0 = thread }
+        } catch {
+            listener.close()
+            throw DiskError("cannot start the NBD accept thread: \(error)")
+        }
     }
 
     /// The TCP port actually bound (useful with port 0).
-    public var port: Int? { channel.localAddress?.port }
+    public var port: Int? { listener.port }
 
-    /// Stops listening, closes every connection and flushes the image.
+    func acceptLoop() {
+        while true {
+            let connection: OwnedFileDescriptor
+            do {
+                guard let accepted = try listener.accept() else { return }
+                connection = accepted
+            } catch {
+                logger.error("NBD accept failed: \(error); no longer accepting clients")
+                return
+            }
+            let id: Int? = state.withLock { state in
+                guard !state.stopping else { return nil }
+                state.nextID += 1
+                state.connections[state.nextID] = connection
+                return state.nextID
+            }
+            guard let id else { return }
+            finished.enter()
+            do {
+                let thread = try NativeThread.start(name: "nbd-conn-\(id)") { [self] in
+                    serve(connection)
+                    state.withLock { _ = $0.connections.removeValue(forKey: id) }
+                    finished.leave()
+                }
+                thread.detach()
+            } catch {
+                logger.warning("NBD client refused: \(error)")
+                state.withLock { _ = $0.connections.removeValue(forKey: id) }
+                finished.leave()
+            }
+        }
+    }
+
+    /// One client, from greeting to disconnect.
+    func serve(_ connection: OwnedFileDescriptor) {
+        let session = NBDSession(export: export, logger: logger)
+        let allocator = ByteBufferAllocator()
+        var input = allocator.buffer(capacity: Self.receiveChunk)
+        var output = allocator.buffer(capacity: 64 << 10)
+        func send() throws {
+            try output.withUnsafeReadableBytes { try connection.sendAll($0) }
+            output.clear()
+            if output.capacity > 4 * Self.sendThreshold { output = allocator.buffer(capacity: 64 << 10) }
+        }
+        do {
+            session.greeting(into: &output)
+            try send()
+            while !session.closing {
+                if input.readableBytes == 0 { input.clear() } else if input.writableBytes < Self.receiveChunk { input.discardReadBytes() }
+                // Room for the rest of a WRITE whose payload is still arriving, read in one go.
+                var room = Self.receiveChunk
+                if session.phase == .transmission, input.readableBytes >= 28, input.getInteger(at: input.readerIndex + 6, as: UInt16.self) == NBD.cmdWrite,
+                    let length = input.getInteger(at: input.readerIndex + 24, as: UInt32.self), Int(length) <= NBD.maxPayload
+                {
+                    room = max(room, 28 + Int(length) - input.readableBytes)
+                }
+                let received = try input.writeWithUnsafeMutableBytes(minimumWritableBytes: room) { try connection.receiveSome(into: $0) }
+                if received == 0 { break }
+                while !session.closing, try session.process(&input, into: &output) {
+                    if output.readableBytes >= Self.sendThreshold { try send() }
+                }
+                if output.readableBytes > 0 { try send() }
+            }
+            if output.readableBytes > 0 { try send() }
+        } catch let error as NBDProtocolError {
+            logger.info("NBD client: \(error); closing")
+        } catch {
+            logger.info("NBD client connection ended: \(error)")
+        }
+        connection.shutdownBoth()
+    }
+
+    /// Stops listening, closes every connection (waiting for requests in progress) and flushes
+    /// the image.
     public func shutdown() throws {
-        try? channel.close().wait()
-        try? group.syncShutdownGracefully()
-        if let unixPath { UnixSocketPath.remove(unixPath) }
+        listener.close()
+        let open = state.withLock { state in
+            state.stopping = true
+            return Array(state.connections.values)
+        }
+        for connection in open { connection.shutdownBoth() }
+        acceptor.withLock { $0 }?.join()
+        if finished.wait(timeout: .now() + 30) == .timedOut { logger.warning("NBD connections still busy after 30 s; flushing anyway") }
         try export.image.flush()
     }
 }

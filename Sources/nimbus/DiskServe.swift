@@ -23,7 +23,6 @@ extension Disk {
         @Option(name: .customLong("export-name"), help: "Export name clients ask for (empty: the default export).") var exportName = ""
         @Flag(name: .customLong("read-only"), help: "Refuse writes.") var readOnly = false
         @Option(name: .short, help: "Format (probed when absent).") var f: String?
-        @Option(help: "Worker threads (default: one per core).") var threads: Int?
         @Argument var file: String
 
         func validate() throws {
@@ -41,8 +40,7 @@ extension Disk {
                 let image = try DiskOpener.open(file, format: try parseFormat(f), readOnly: readOnly)
                 let export = NBDExport(name: exportName, image: image, readOnly: readOnly)
                 let address: NBDServer.Address = socket.map { .unix($0) } ?? .tcp(host: bind, port: port ?? 10809)
-                return try NBDServer(
-                    export: export, address: address, threads: threads ?? ProcessInfo.processInfo.activeProcessorCount, logger: Logger(label: "nimbus-nbd"))
+                return try NBDServer(export: export, address: address, logger: Logger(label: "nimbus-nbd"))
             }
             let where_ = socket ?? "\(bind):\(server.port ?? port ?? 0)"
             FileHandle.standardError.write(Data("nimbus disk serve: exporting \(file) as \"\(exportName)\" on \(where_)\n".utf8))

@@ -161,6 +161,15 @@ int nimbus_unix_connect(const char *path, int nonblocking);
 int nimbus_unix_listen(const char *path, int backlog);
 /// accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC. Returns the fd or -1 with errno.
 int nimbus_accept_nonblocking(int fd);
+/// Creates a blocking, close-on-exec TCP socket with SO_REUSEADDR bound to `host`:`port`
+/// (numeric IPv4 or IPv6 address, or a name resolved with getaddrinfo; port 0 picks a free one)
+/// and listening. Returns the fd or -1 with errno (EADDRNOTAVAIL when `host` does not resolve).
+int nimbus_tcp_listen(const char *host, int port, int backlog);
+/// Blocking accept4 with SOCK_CLOEXEC; TCP connections get TCP_NODELAY. Returns the fd or -1
+/// with errno.
+int nimbus_accept_blocking(int fd);
+/// The local TCP port of socket `fd`, or -1 (with errno) when it has none.
+int nimbus_local_port(int fd);
 
 // MARK: switch ports
 
