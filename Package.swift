@@ -155,7 +155,7 @@ let package = Package(
         .testTarget(
             name: "TunnelTests",
             dependencies: [
-                "Tunnel", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                "Tunnel", "LinuxSystem", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: strict),

@@ -115,15 +115,21 @@ localPort = $NGINX
 customDomains = ["bench.test"]
 EOF
     fi
-    "$TUNNEL" server -c "$work/frps-$mode.toml" >"$work/server-$mode.log" 2>&1 &
+    # Each process runs from its own copy of the binary, as the server and the client would on two
+    # hosts: processes of one binary file on one host map each other's cached code pages (the
+    # kernel's fault-around maps the cached neighbours of every faulted page), which adds about
+    # 7 MiB to each side's VmRSS here (see BENCHMARKS.md).
+    cp "$TUNNEL" "$work/nimbus-tunnel-server-$mode"
+    cp "$TUNNEL" "$work/nimbus-tunnel-client-$mode"
+    "$work/nimbus-tunnel-server-$mode" server -c "$work/frps-$mode.toml" >"$work/server-$mode.log" 2>&1 &
     pids+=($!)
     eval "SERVER_PID_$mode=$!"
     sleep 0.5
-    "$TUNNEL" client -c "$work/frpc-$mode.toml" >"$work/client-$mode.log" 2>&1 &
+    "$work/nimbus-tunnel-client-$mode" client -c "$work/frpc-$mode.toml" >"$work/client-$mode.log" 2>&1 &
     pids+=($!)
     eval "CLIENT_PID_$mode=$!"
 done
-sleep 2
+sleep 4  # past the moment (3 s after start) when each side releases its start-up code pages
 
 iperf_gbps() { # port streams
     iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$SECONDS_PER_TEST" -J 2>/dev/null |

@@ -15,6 +15,8 @@ final class LocalRelay: ChannelInboundHandler, StreamEndpoint {
     private(set) var stream: MuxStream?
     private var context: ChannelHandlerContext?
     private var pendingFlush = false
+    /// Bytes written while the channel was writable, credited to the stream once flushed.
+    private var creditAfterFlush = 0
     private var inputClosed = false
     private var outputClosed = false
     private var outputDrained = false
@@ -112,6 +114,14 @@ final class LocalRelay: ChannelInboundHandler, StreamEndpoint {
     func deliver(_ data: ByteBuffer) {
         guard let context, !outputClosed else { return }
         let count = data.readableBytes
+        if limiter == nil, context.channel.isWritable {
+            // The socket takes it: credited at the next flush, without a promise per write. Once
+            // the channel's buffer passes its high-water mark, writes wait for their promise.
+            context.write(wrapOutboundOut(data), promise: nil)
+            creditAfterFlush += count
+            pendingFlush = true
+            return
+        }
         let promise = context.eventLoop.makePromise(of: Void.self)
         context.write(wrapOutboundOut(data), promise: promise)
         promise.futureResult.assumeIsolated().whenSuccess { [self] in
@@ -165,6 +175,11 @@ final class LocalRelay: ChannelInboundHandler, StreamEndpoint {
         guard pendingFlush, let context else { return }
         pendingFlush = false
         context.flush()
+        if creditAfterFlush > 0, let stream {
+            let count = creditAfterFlush
+            creditAfterFlush = 0
+            stream.consumed(count)
+        }
     }
 
     private func closeIfDone() {

@@ -27,10 +27,11 @@ struct NimbusTunnel: AsyncParsableCommand {
             abstract: "Run the public server.",
             discussion: "Runs until SIGTERM or SIGINT, which close every listener and session and exit 0.")
         @Option(name: .shortAndLong, help: "The server configuration (frps.toml).") var config: String
+        @OptionGroup var memory: MemoryOptions
 
         func run() async throws {
             try await runUntilSignal(
-                load: { try ServerConfig.load(path: config) }, logLevel: \.logLevel,
+                load: { try ServerConfig.load(path: config) }, logLevel: \.logLevel, memory: memory,
                 start: { try await TunnelServer.start(config: $0, group: $1, logger: Logger(label: "nimbus-tunnel.server")) },
                 stop: { await $0.stop() })
         }
@@ -44,10 +45,11 @@ struct NimbusTunnel: AsyncParsableCommand {
                 status 1. Later losses of the session are retried with backoff, and proxies are registered again.
                 """)
         @Option(name: .shortAndLong, help: "The client configuration (frpc.toml).") var config: String
+        @OptionGroup var memory: MemoryOptions
 
         func run() async throws {
             try await runUntilSignal(
-                load: { try ClientConfig.load(path: config) }, logLevel: \.logLevel,
+                load: { try ClientConfig.load(path: config) }, logLevel: \.logLevel, memory: memory,
                 start: { try await TunnelClient.start(config: $0, group: $1, logger: Logger(label: "nimbus-tunnel.client")) },
                 stop: { await $0.stop() })
         }
@@ -93,16 +95,39 @@ struct NimbusTunnel: AsyncParsableCommand {
     }
 }
 
+/// How the process treats its code pages once it is up.
+struct MemoryOptions: ParsableArguments {
+    @Flag(
+        help: ArgumentHelp(
+            "Keep every code page the process has touched resident.",
+            discussion: """
+                By default, a few seconds after start the pages of the program's code and read-only data are handed \
+                back to the kernel, with readahead off for them, so the resident set shrinks to the code that keeps \
+                running (about 20 MiB less); the first later use of a cold code path reads its page from disk.
+                """))
+    var keepCodeResident = false
+
+    /// Seconds after start at which the code pages are released (start-up and the first login are over).
+    static let releaseDelay = 3
+}
+
 /// Loads a configuration, starts the side it describes on one event loop, and runs it until
 /// SIGTERM or SIGINT. A bad configuration or a failed start prints one line and exits 1.
 func runUntilSignal<Config, Side>(
-    load: () throws -> Config, logLevel: (Config) -> String, start: (Config, EventLoopGroup) async throws -> Side,
+    load: () throws -> Config, logLevel: (Config) -> String, memory: MemoryOptions, start: (Config, EventLoopGroup) async throws -> Side,
     stop: (Side) async -> Void
 ) async throws {
     let config = try loadOrExit(load)
     bootstrapLogging(logLevel(config))
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     let side = try await loadOrExit { try await start(config, group) }
+    if !memory.keepCodeResident {
+        let logger = Logger(label: "nimbus-tunnel")
+        group.next().scheduleTask(in: .seconds(Int64(MemoryOptions.releaseDelay))) {
+            let released = Host.releaseCodePages()
+            logger.debug("released the code pages of \(released.mappings) mappings (\(released.bytes >> 20) MiB mapped)")
+        }
+    }
     await waitForTermination()
     await stop(side)
 }
