@@ -297,6 +297,7 @@ public final class NBDServer: Sendable {
     public let export: NBDExport
     let listener: StreamListener
     let logger: Logger
+    let maxConnections: Int
     let acceptor = Mutex<NativeThread?>(nil)
     let state = Mutex(State())
     let finished = DispatchGroup()
@@ -317,9 +318,11 @@ public final class NBDServer: Sendable {
     /// The receive buffer always has room for at least this much.
     static let receiveChunk = 256 << 10
 
-    public init(export: NBDExport, address: Address, logger: Logger) throws {
+    /// At most `maxConnections` clients are served at once; more are closed on arrival.
+    public init(export: NBDExport, address: Address, maxConnections: Int = 128, logger: Logger) throws {
         self.export = export
         self.logger = logger
+        self.maxConnections = max(1, maxConnections)
         do {
             switch address {
             case .unix(let path): listener = try StreamListener.unix(path: path, backlog: 64)
@@ -350,13 +353,23 @@ public final class NBDServer: Sendable {
                 logger.error("NBD accept failed: \(error); no longer accepting clients")
                 return
             }
-            let id: Int? = state.withLock { state in
-                guard !state.stopping else { return nil }
+            enum Admission { case admitted(Int), full, stopping }
+            let admission: Admission = state.withLock { state in
+                guard !state.stopping else { return .stopping }
+                guard state.connections.count < maxConnections else { return .full }
                 state.nextID += 1
                 state.connections[state.nextID] = connection
-                return state.nextID
+                return .admitted(state.nextID)
             }
-            guard let id else { return }
+            let id: Int
+            switch admission {
+            case .stopping: return
+            case .full:
+                // Each client costs a thread; past the cap a new one is closed straight away.
+                logger.warning("NBD client refused: already serving \(maxConnections) clients")
+                continue
+            case .admitted(let admitted): id = admitted
+            }
             finished.enter()
             do {
                 let thread = try NativeThread.start(name: "nbd-conn-\(id)") { [self] in

@@ -39,6 +39,14 @@ public enum Remote: Sendable, Equatable, CustomStringConvertible {
 }
 
 /// One database the server serves, with its file (nil: in memory only).
+/// Carries a value the caller gives up across a `@Sendable` boundary to the one closure that uses it.
+struct Handoff<Value>: @unchecked Sendable {
+    // SAFETY (Sendable): the sender does not touch `value` after building the handoff, so only
+    // the receiving closure's thread ever uses it.
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}
+
 public struct ServedDatabase {
     public var database: Database
     public var file: DatabaseFile?
@@ -230,8 +238,9 @@ public final class OVSDBServer: Sendable {
         databases: [ServedDatabase], remotes: [Remote], group: EventLoopGroup, logger: Logger
     ) async throws -> OVSDBServer {
         let loop = group.next()
+        let handoff = Handoff(databases)
         let bound = try await loop.submit {
-            NIOLoopBound(try OVSDBCore(loop: loop, databases: databases, logger: logger), eventLoop: loop)
+            NIOLoopBound(try OVSDBCore(loop: loop, databases: handoff.value, logger: logger), eventLoop: loop)
         }.get()
         var channels: [Channel] = []
         do {

@@ -172,7 +172,7 @@ public final class Datapath: @unchecked Sendable {
                 statsLock.withLock { $0 = snapshot }
             }
         }
-        for port in ports.values { try? epoll.remove(port.pollDescriptor) }
+        for port in ports.values { epoll.remove(port.pollDescriptor) }
         ports.removeAll()
     }
 

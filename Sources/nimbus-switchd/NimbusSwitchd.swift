@@ -114,9 +114,14 @@ struct NimbusSwitchd: AsyncParsableCommand {
                 reconciler.committed(core, database: database, commit: commit)
             }
             reconciler.announce(core, version: "nimbus-switchd 0.1 (OVSDB schema 8.3.1 compatible)")
-            loop.scheduleRepeatedTask(initialDelay: .seconds(5), delay: .seconds(5)) { [unowned core] _ in
-                reconciler.publishStatistics(core, counters: manager.interfaceCounters())
+            // Every 5 s, on the loop that owns the database.
+            func publishStatistics() {
+                loop.assumeIsolated().scheduleTask(in: .seconds(5)) { [unowned core] in
+                    reconciler.publishStatistics(core, counters: manager.interfaceCounters())
+                    publishStatistics()
+                }
             }
+            publishStatistics()
         }
         logger.info("nimbus-switchd ready")
         await waitForTermination()

@@ -22,12 +22,17 @@ extension Disk {
         @Option(help: "Address to bind the TCP port to.") var bind = "127.0.0.1"
         @Option(name: .customLong("export-name"), help: "Export name clients ask for (empty: the default export).") var exportName = ""
         @Flag(name: .customLong("read-only"), help: "Refuse writes.") var readOnly = false
+        @Option(
+            name: .customLong("max-connections"),
+            help: "Clients served at once (each has its own thread); more are closed on arrival.")
+        var maxConnections = 128
         @Option(name: .short, help: "Format (probed when absent).") var f: String?
         @Argument var file: String
 
         func validate() throws {
             guard (socket == nil) != (port == nil) else { throw ValidationError("give either --socket PATH or --port N") }
             if let port, !(0...65535).contains(port) { throw ValidationError("--port must be 0 to 65535") }
+            guard (1...65536).contains(maxConnections) else { throw ValidationError("--max-connections must be 1 to 65536") }
         }
 
         func run() throws {
@@ -40,7 +45,7 @@ extension Disk {
                 let image = try DiskOpener.open(file, format: try parseFormat(f), readOnly: readOnly)
                 let export = NBDExport(name: exportName, image: image, readOnly: readOnly)
                 let address: NBDServer.Address = socket.map { .unix($0) } ?? .tcp(host: bind, port: port ?? 10809)
-                return try NBDServer(export: export, address: address, logger: Logger(label: "nimbus-nbd"))
+                return try NBDServer(export: export, address: address, maxConnections: maxConnections, logger: Logger(label: "nimbus-nbd"))
             }
             let where_ = socket ?? "\(bind):\(server.port ?? port ?? 0)"
             FileHandle.standardError.write(Data("nimbus disk serve: exporting \(file) as \"\(exportName)\" on \(where_)\n".utf8))

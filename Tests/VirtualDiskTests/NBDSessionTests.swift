@@ -24,18 +24,30 @@ final class MockImage: DiskImage {
     var virtualSize: UInt64 { UInt64(bytes.withLock { $0.count }) }
     var isReadOnly: Bool { false }
     var backing: (any DiskImage)? { nil }
+    /// Set when the server asked for a range outside the image (which it must never do).
+    let outOfRange = Mutex(false)
+    func check(_ offset: UInt64, _ count: Int) throws {
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
+        guard !overflow, end <= virtualSize else {
+            outOfRange.withLock { $0 = true }
+            throw DiskError("mock: \(count) bytes at \(offset) are outside the image")
+        }
+    }
     func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        try check(offset, count)
         if offset + UInt64(count) > failAt { throw DiskError("mock read failure at \(offset)") }
         return bytes.withLock { Array($0[Int(offset)..<Int(offset) + count]) }
     }
     func write(_ data: [UInt8], at offset: UInt64) throws {
+        try check(offset, data.count)
         bytes.withLock { $0.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data) }
     }
     func writeZeroes(at offset: UInt64, length: UInt64) throws { try write([UInt8](repeating: 0, count: Int(length)), at: offset) }
     func discard(at offset: UInt64, length: UInt64) throws { try writeZeroes(at: offset, length: length) }
     func flush() throws { flushes.withLock { $0 += 1 } }
     func map(at offset: UInt64, length: UInt64) throws -> [Extent] {
-        [Extent(start: offset, length: length, depth: 0, present: true, zero: false, data: true, offset: nil)]
+        try check(offset, Int(clamping: length))
+        return [Extent(start: offset, length: length, depth: 0, present: true, zero: false, data: true, offset: nil)]
     }
     func allocatedBytes() throws -> UInt64 { virtualSize }
 }
@@ -167,5 +179,92 @@ enum NBDClient {
         #expect(try client.read(upTo: 1).isEmpty)  // the server closed the connection
         #expect(!FileManager.default.fileExists(atPath: socket))
         _ = idle
+    }
+}
+
+extension NBDSessionTests {
+    @Test func clientsPastTheCapAreClosedOnArrival() throws {
+        let dir = try TempDir()
+        let socket = dir.path("cap.sock")
+        let server = try NBDServer(
+            export: NBDExport(name: "", image: MockImage(size: 4096), readOnly: true), address: .unix(socket), maxConnections: 1,
+            logger: Logger(label: "test"))
+        defer { try? server.shutdown() }
+        let first = try UnixStream.connect(socket)
+        try first.setNonBlocking(false)
+        var greeting: [UInt8] = []
+        while greeting.count < 18 {
+            let chunk = try first.read(upTo: 18 - greeting.count)
+            if chunk.isEmpty { break }
+            greeting += chunk
+        }
+        #expect(greeting.count == 18)  // the first client is being served
+        let second = try UnixStream.connect(socket)
+        try second.setNonBlocking(false)
+        #expect(try second.read(upTo: 18).isEmpty)  // closed without a greeting
+        _ = first
+    }
+}
+
+/// A small deterministic generator (SplitMix64), so a failing input can be reproduced from its seed.
+struct SeededGenerator: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+@Suite struct NBDSessionRandomInputTests {
+    /// Mutates a valid conversation (handshake, then requests of every kind) byte by byte, and
+    /// sends random requests with valid magic: the session answers or throws a protocol error,
+    /// never crashes, and never writes past the export.
+    @Test func mutatedAndRandomConversationsNeverCrash() throws {
+        var rng = SeededGenerator(state: 0x4E42_44)
+        let valid: [UInt8] =
+            [0, 0, 0, 3] + NBDClient.option(8) + NBDClient.option(10, Array("\0\0\0\0\0\0\0\u{1}\0\0\0\u{f}base:allocation".utf8))
+            + NBDClient.go() + NBDClient.request(1, cookie: 1, offset: 0, length: 512, payload: [UInt8](repeating: 1, count: 512))
+            + NBDClient.request(0, cookie: 2, offset: 0, length: 4096) + NBDClient.request(7, cookie: 3, offset: 0, length: 65536)
+            + NBDClient.request(6, cookie: 4, offset: 4096, length: 4096) + NBDClient.request(4, cookie: 5, offset: 8192, length: 4096)
+            + NBDClient.request(3, cookie: 6, offset: 0, length: 0) + NBDClient.request(2, cookie: 7, offset: 0, length: 0)
+        var reachedTransmission = 0
+        for round in 0..<3000 {
+            let image = MockImage(size: 64 << 10)
+            let session = NBDSession(export: NBDExport(name: "", image: image, readOnly: round % 5 == 0), logger: Logger(label: "fuzz"))
+            var bytes = valid
+            for _ in 0..<Int.random(in: 1...8, using: &rng) {
+                let at = Int.random(in: 0..<bytes.count, using: &rng)
+                switch Int.random(in: 0..<3, using: &rng) {
+                case 0: bytes[at] = UInt8.random(in: 0...255, using: &rng)
+                case 1: bytes.insert(UInt8.random(in: 0...255, using: &rng), at: at)
+                default: bytes.remove(at: at)
+                }
+            }
+            // Random requests with a valid magic after the handshake, at random offsets and lengths.
+            if round % 2 == 0 {
+                for _ in 0..<8 {
+                    let type = UInt16.random(in: 0...9, using: &rng)
+                    let length = UInt32.random(in: 0...(1 << 17), using: &rng)
+                    let offset = [UInt64.random(in: 0...(1 << 17), using: &rng), .max - UInt64(length) / 2, .max][Int.random(in: 0..<3, using: &rng)]
+                    bytes += NBDClient.request(
+                        type, cookie: UInt64(round), offset: offset, length: length,
+                        payload: type == 1 ? [UInt8](repeating: 7, count: Int(length)) : [])
+                }
+            }
+            var input = ByteBuffer(bytes: bytes)
+            var out = ByteBuffer()
+            do {
+                while !session.closing, try session.process(&input, into: &out) {}
+            } catch is NBDProtocolError {
+                // The connection would be closed.
+            }
+            #expect(!image.outOfRange.withLock { $0 }, "round \(round)")
+            if session.phase == .transmission { reachedTransmission += 1 }
+        }
+        // Enough of the conversations survive their mutations to exercise the request handlers.
+        #expect(reachedTransmission > 600, "\(reachedTransmission) of 3000 reached the transmission phase")
     }
 }
