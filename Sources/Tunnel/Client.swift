@@ -160,7 +160,6 @@ final class ClientCore: MuxSessionDelegate {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     if let tls { try sync.addHandler(NIOSSLClientHandler(context: tls, serverHostname: sniName)) }
-                    try sync.addHandler(ByteToMessageHandler(FrameDecoder()))
                     try sync.addHandler(bound.value.makeSession())
                 }
             }

@@ -269,7 +269,6 @@ final class ServerCore {
         connections[ObjectIdentifier(connection)] = connection
         let pipeline = channel.pipeline.syncOperations
         try pipeline.addHandler(TLSDetector(context: tls, force: config.tlsForce))
-        try pipeline.addHandler(ByteToMessageHandler(FrameDecoder()))
         try pipeline.addHandler(session)
     }
 

@@ -222,7 +222,9 @@ final class TrafficMeter {
 
 /// The channel handler that owns a session's streams.
 final class MuxSession: ChannelInboundHandler {
-    typealias InboundIn = Frame
+    /// Bytes of the session connection; frames are cut from them here, in place (a decoder stage
+    /// in the pipeline would box every frame into the next handler's `NIOAny`).
+    typealias InboundIn = ByteBuffer
 
     /// Each stream's flow-control window.
     static let window = 1 << 20
@@ -237,6 +239,8 @@ final class MuxSession: ChannelInboundHandler {
     private var nextStreamID: UInt32
     private var needsFlush = false
     private var toFlush: [MuxStream] = []
+    /// The start of a frame whose end has not arrived yet.
+    private var partialFrame: ByteBuffer?
     private var lastHeard = NIODeadline.now()
     private var heartbeat: Scheduled<Void>?
     /// Streams the peer may have open at once; more are reset.
@@ -288,13 +292,23 @@ final class MuxSession: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
+        var buffer = unwrapInboundIn(data)
+        if var partial = partialFrame {
+            partialFrame = nil
+            partial.writeBuffer(&buffer)
+            buffer = partial
+        }
         lastHeard = .now()
         do {
-            try handle(frame)
+            while isOpen, let frame = try Frame.decode(from: &buffer) { try handle(frame) }
         } catch {
             logger.info("closing tunnel session: \(error)")
             context.close(promise: nil)
+            return
+        }
+        if isOpen, buffer.readableBytes > 0 {
+            buffer.discardReadBytes()
+            partialFrame = buffer
         }
     }
 
