@@ -401,7 +401,12 @@ public final class NBDServer: Sendable {
             session.greeting(into: &output)
             try send()
             while !session.closing {
-                if input.readableBytes == 0 { input.clear() } else if input.writableBytes < Self.receiveChunk { input.discardReadBytes() }
+                if input.readableBytes == 0 {
+                    // A large WRITE grew the buffer; an idle connection gives that memory back.
+                    if input.capacity > 4 * Self.sendThreshold { input = allocator.buffer(capacity: Self.receiveChunk) } else { input.clear() }
+                } else if input.writableBytes < Self.receiveChunk {
+                    input.discardReadBytes()
+                }
                 // Room for the rest of a WRITE whose payload is still arriving, read in one go.
                 var room = Self.receiveChunk
                 if session.phase == .transmission, input.readableBytes >= 28, input.getInteger(at: input.readerIndex + 6, as: UInt16.self) == NBD.cmdWrite,
