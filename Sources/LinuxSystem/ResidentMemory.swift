@@ -70,6 +70,10 @@ extension Host {
     public static func releaseCodePages() -> ReleasedCodePages {
         var result = ReleasedCodePages()
         guard let mappings = try? memoryMappings() else { return result }
+        // A program file written moments ago (just installed or linked) still has dirty pages in
+        // the cache, and reclaim skips dirty pages: write them back first.
+        let executable = try? OwnedFileDescriptor.openReadOnly("/proc/self/exe")
+        if let executable { _ = fdatasync(executable.rawValue) }
         for mapping in mappings where mapping.isReadOnlyFileMapping {
             let length = Int(mapping.end - mapping.start)
             guard let address = UnsafeMutableRawPointer(bitPattern: mapping.start) else { continue }
@@ -84,9 +88,7 @@ extension Host {
         // Fault-around maps whatever neighbours are cached, so the program file's cached pages
         // that no process maps any more are dropped too (its own file only: shared libraries'
         // pages belong to every process on the host).
-        if let executable = try? OwnedFileDescriptor.openReadOnly("/proc/self/exe") {
-            _ = posix_fadvise(executable.rawValue, 0, 0, POSIX_FADV_DONTNEED)
-        }
+        if let executable { _ = posix_fadvise(executable.rawValue, 0, 0, POSIX_FADV_DONTNEED) }
         return result
     }
 

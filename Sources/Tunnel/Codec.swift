@@ -48,13 +48,19 @@ public struct FrameHeader: Equatable, Sendable {
     public static func parse<Bytes: Collection<UInt8>>(_ bytes: Bytes) throws -> FrameHeader? {
         guard bytes.count >= size else { return nil }
         let b = Array(bytes.prefix(size))
-        guard let type = FrameType(rawValue: b[0]) else { throw WireError("unknown frame type \(b[0])") }
         let stream = UInt32(b[2]) << 24 | UInt32(b[3]) << 16 | UInt32(b[4]) << 8 | UInt32(b[5])
-        let length = Int(b[6]) << 24 | Int(b[7]) << 16 | Int(b[8]) << 8 | Int(b[9])
+        let length = UInt32(b[6]) << 24 | UInt32(b[7]) << 16 | UInt32(b[8]) << 8 | UInt32(b[9])
+        return try validated(rawType: b[0], flags: b[1], stream: stream, length: length)
+    }
+
+    /// Checks the header's fields once they have been read (by `parse`, or in place from a
+    /// receive buffer): an unknown type or an oversized length throws.
+    public static func validated(rawType: UInt8, flags: UInt8, stream: UInt32, length: UInt32) throws -> FrameHeader {
+        guard let type = FrameType(rawValue: rawType) else { throw WireError("unknown frame type \(rawType)") }
         guard length <= maxPayload else {
             throw WireError("frame of \(length) bytes is larger than the \(maxPayload)-byte limit")
         }
-        return FrameHeader(type: type, flags: b[1], stream: stream, length: length)
+        return FrameHeader(type: type, flags: flags, stream: stream, length: Int(length))
     }
 }
 

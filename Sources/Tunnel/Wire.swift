@@ -52,36 +52,17 @@ public struct Frame: Sendable {
     /// Takes one frame off the front of `buffer`, or returns nil if it is not all there yet.
     /// Throws for an unknown type or an oversized length: the connection must then be closed.
     public static func decode(from buffer: inout ByteBuffer) throws -> Frame? {
-        // The same checks as `FrameHeader.parse`, read in place (this runs for every frame).
+        // Read in place (this runs for every frame), checked as `FrameHeader.parse` checks.
         let start = buffer.readerIndex
         guard buffer.readableBytes >= headerSize, let rawType = buffer.getInteger(at: start, as: UInt8.self),
             let flags = buffer.getInteger(at: start + 1, as: UInt8.self), let stream = buffer.getInteger(at: start + 2, as: UInt32.self),
             let length = buffer.getInteger(at: start + 6, as: UInt32.self)
         else { return nil }
-        guard let type = FrameType(rawValue: rawType) else { throw WireError("unknown frame type \(rawType)") }
-        guard length <= FrameHeader.maxPayload else {
-            throw WireError("frame of \(length) bytes is larger than the \(FrameHeader.maxPayload)-byte limit")
-        }
-        guard buffer.readableBytes >= headerSize + Int(length) else { return nil }
+        let header = try FrameHeader.validated(rawType: rawType, flags: flags, stream: stream, length: length)
+        guard buffer.readableBytes >= headerSize + header.length else { return nil }
         buffer.moveReaderIndex(forwardBy: headerSize)
-        guard let payload = buffer.readSlice(length: Int(length)) else { return nil }
-        return Frame(type: type, flags: flags, stream: stream, payload: payload)
-    }
-}
-
-/// Splits a byte stream into frames for a NIO pipeline.
-public struct FrameDecoder: ByteToMessageDecoder {
-    public typealias InboundOut = Frame
-    public init() {}
-    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let frame = try Frame.decode(from: &buffer) else { return .needMoreData }
-        context.fireChannelRead(NIOAny(frame))
-        return .continue
-    }
-    public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws
-        -> DecodingState
-    {
-        try decode(context: context, buffer: &buffer)
+        guard let payload = buffer.readSlice(length: header.length) else { return nil }
+        return Frame(type: header.type, flags: header.flags, stream: header.stream, payload: payload)
     }
 }
 
