@@ -142,6 +142,16 @@ public enum NBDDecoder {
         }
     }
 
+    /// How many more bytes the transmission-phase request at the front of `buffer` needs before
+    /// `decodeRequestHeader` can return it: what is missing of a WRITE's payload, else 0.
+    public static func missingRequestBytes(_ buffer: ByteBuffer) -> Int {
+        let start = buffer.readerIndex
+        guard buffer.readableBytes >= 28, buffer.getInteger(at: start + 6, as: UInt16.self) == NBD.cmdWrite,
+            let length = buffer.getInteger(at: start + 24, as: UInt32.self), Int(length) <= NBD.maxPayload
+        else { return 0 }
+        return max(0, 28 + Int(length) - buffer.readableBytes)
+    }
+
     /// Decodes a transmission-phase request once its header and (for WRITE) its whole payload
     /// are in `buffer`, and moves past the header only: the payload, `length` bytes, comes next.
     /// Returns nil (leaving `buffer` untouched) if more bytes are needed; `payload` is empty.

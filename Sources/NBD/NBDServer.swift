@@ -408,12 +408,8 @@ public final class NBDServer: Sendable {
                     input.discardReadBytes()
                 }
                 // Room for the rest of a WRITE whose payload is still arriving, read in one go.
-                var room = Self.receiveChunk
-                if session.phase == .transmission, input.readableBytes >= 28, input.getInteger(at: input.readerIndex + 6, as: UInt16.self) == NBD.cmdWrite,
-                    let length = input.getInteger(at: input.readerIndex + 24, as: UInt32.self), Int(length) <= NBD.maxPayload
-                {
-                    room = max(room, 28 + Int(length) - input.readableBytes)
-                }
+                let missing = session.phase == .transmission ? NBDDecoder.missingRequestBytes(input) : 0
+                let room = max(Self.receiveChunk, missing)
                 let received = try input.writeWithUnsafeMutableBytes(minimumWritableBytes: room) { try connection.receiveSome(into: $0) }
                 if received == 0 { break }
                 while !session.closing, try session.process(&input, into: &output) {
@@ -421,7 +417,6 @@ public final class NBDServer: Sendable {
                 }
                 if output.readableBytes > 0 { try send() }
             }
-            if output.readableBytes > 0 { try send() }
         } catch let error as NBDProtocolError {
             logger.info("NBD client: \(error); closing")
         } catch {
