@@ -156,11 +156,12 @@ public struct QCOW2Header: Sendable, Equatable {
         }
         guard refcountTableClusters <= 1 << 23 else { throw DiskError("qcow2 refcount table of \(refcountTableClusters) clusters is too large") }
         let l2Entries = UInt64(clusterSize / 8)
-        let needed = (size + cs * l2Entries - 1) / (cs * l2Entries)
+        let span = cs * l2Entries  // bytes one L1 entry maps; `size` may be anything up to UInt64.max
+        let needed = size / span + (size % span == 0 ? 0 : 1)
         guard UInt64(l1Size) >= needed else { throw DiskError("qcow2 L1 table of \(l1Size) entries cannot map a \(size)-byte disk (\(needed) needed)") }
         guard l1Size <= 1 << 25 else { throw DiskError("qcow2 L1 table of \(l1Size) entries is too large") }
         if l1Size > 0 {
-            guard l1TableOffset != 0, l1TableOffset + UInt64(l1Size) * 8 <= fileSize else {
+            guard l1TableOffset != 0, l1TableOffset <= fileSize, UInt64(l1Size) * 8 <= fileSize - l1TableOffset else {
                 throw DiskError("qcow2 L1 table at \(l1TableOffset) lies past the end of the file (\(fileSize) bytes)")
             }
         }
