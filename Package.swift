@@ -60,11 +60,11 @@ let package = Package(
             name: "Virtio",
             dependencies: ["GuestMemory", "Devices", "LinuxSystem", "VirtualDisk", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
-        // Layer 3: boot loader, ACPI, CPUID, vCPU threads, the Firecracker-compatible API.
+        // Layer 4: boot loader, ACPI, CPUID, vCPU threads, the Firecracker-compatible API.
         .target(
             name: "VMM",
             dependencies: [
-                "KVM", "GuestMemory", "Devices", "LinuxSystem", "Virtio", "VirtualDisk",
+                "KVM", "GuestMemory", "Devices", "LinuxSystem", "Virtio", "VirtualDisk", "Switch",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -110,7 +110,7 @@ let package = Package(
         .target(
             name: "Switch",
             dependencies: [
-                "OVSDB", "LinuxSystem", .product(name: "Logging", package: "swift-log"),
+                "OVSDB", "LinuxSystem", "Virtio", .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: strict),
@@ -147,7 +147,7 @@ let package = Package(
             name: "VMMTests", dependencies: ["VMM", "Devices", "GuestMemory", "KVM", "LinuxSystem", "Virtio", "VirtualDisk"],
             swiftSettings: strict),
         .testTarget(
-            name: "VirtioTests", dependencies: ["Virtio", "GuestMemory", "Devices", "LinuxSystem", "VirtualDisk"],
+            name: "VirtioTests", dependencies: ["Virtio", "GuestMemory", "Devices", "LinuxSystem", "VirtualDisk", "Switch"],
             swiftSettings: strict),
         .testTarget(
             name: "KVMIntegrationTests", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxSystem"],

@@ -34,6 +34,51 @@ public struct VirtioNetHeader: Sendable, Equatable {
         self.checksumStart = checksumStart
         self.checksumOffset = checksumOffset
     }
+
+    /// Reads the header from its 10-byte little-endian wire form at `offset` (nil if too short).
+    public init?(wire bytes: [UInt8], at offset: Int = 0) {
+        guard offset >= 0, bytes.count - offset >= Self.size else { return nil }
+        func le16(_ at: Int) -> UInt16 { UInt16(bytes[offset + at]) | UInt16(bytes[offset + at + 1]) << 8 }
+        self.init(
+            flags: bytes[offset], gsoType: bytes[offset + 1], headerLength: le16(2), gsoSize: le16(4), checksumStart: le16(6),
+            checksumOffset: le16(8))
+    }
+
+    /// The 10-byte little-endian wire form.
+    public var wire: [UInt8] {
+        var bytes = [flags, gsoType]
+        for value in [headerLength, gsoSize, checksumStart, checksumOffset] { bytes += [UInt8(value & 0xFF), UInt8(value >> 8)] }
+        return bytes
+    }
+
+    /// Whether the frame still needs a checksum completed or a segmentation done by its receiver.
+    public var hasOffloads: Bool { flags & Self.needsChecksum != 0 || gsoType != Self.gsoNone }
+}
+
+/// Copies between Swift arrays and the raw buffers that device code hands around.
+public enum RawBytes {
+    /// The bytes of `buffers`, in order, as one array.
+    public static func gather(_ buffers: [UnsafeRawBufferPointer]) -> [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(buffers.reduce(0) { $0 + $1.count })
+        // SAFETY: each buffer is a valid region for its count (the caller's contract); only read.
+        for buffer in buffers { bytes.append(contentsOf: buffer) }
+        return bytes
+    }
+
+    /// Writes `parts` one after another at the start of `buffer`; nil (and nothing written) when
+    /// they do not fit.
+    public static func scatter(_ parts: [[UInt8]], into buffer: UnsafeMutableRawBufferPointer) -> Int? {
+        let total = parts.reduce(0) { $0 + $1.count }
+        guard total <= buffer.count else { return nil }
+        var offset = 0
+        for part in parts {
+            // SAFETY: offset + part.count <= total <= buffer.count, checked above.
+            UnsafeMutableRawBufferPointer(rebasing: buffer[offset..<(offset + part.count)]).copyBytes(from: part)
+            offset += part.count
+        }
+        return total
+    }
 }
 
 /// A batch of frames in one block of memory.

@@ -1,11 +1,14 @@
-// VMM (layer 3): turns the configuration's drives, network interfaces, vsock and entropy sections
+// VMM (layer 4): turns the configuration's drives, network interfaces, vsock and entropy sections
 // into virtio-mmio devices: one 4 KiB slot and one GSI each, described in the DSDT, with an irqfd
-// for the interrupt and one ioeventfd per queue for notifications.
+// for the interrupt and one ioeventfd per queue for notifications. A network interface with an
+// `uplink` gets its own switch bridge in this process: the device's port and the uplink, NORMAL
+// forwarding (MAC learning), on a datapath thread.
 import Devices
 import GuestMemory
 import KVM
 import LinuxSystem
 import Logging
+import Switch
 import Virtio
 import VirtualDisk
 
@@ -14,6 +17,7 @@ struct VirtioSet: Sendable {
     var transports: [VirtioMMIODevice] = []
     var blocks: [String: VirtioBlock] = [:]
     var interruptFDs: [EventFD] = []
+    var bridges: [Datapath] = []
 
     /// Drives in slot order: the root device first, as Firecracker orders them (it becomes /dev/vda).
     static func orderedDrives(_ config: VMConfig) -> [DriveConfig] {
@@ -54,11 +58,18 @@ struct VirtioSet: Sendable {
         }
         for iface in config.networkInterfaces {
             let mac = iface.guestMAC.map { $0.split(separator: ":").compactMap { UInt8($0, radix: 16) } }
-            let tap: TapBackend
-            do { tap = try TapBackend(name: iface.hostDevName) } catch {
-                throw ConfigError("network interface `\(iface.ifaceID)`: cannot open TAP device \(iface.hostDevName): \(error)")
+            let backend: any NetworkBackend
+            if let uplink = iface.uplink {
+                let (bridge, port) = try uplinkBridge(iface.ifaceID, uplink, logger: logger)
+                set.bridges.append(bridge)
+                backend = port.backend
+            } else {
+                let name = iface.hostDevName ?? ""
+                do { backend = try TapBackend(name: name) } catch {
+                    throw ConfigError("network interface `\(iface.ifaceID)`: cannot open TAP device \(name): \(error)")
+                }
             }
-            backends.append(VirtioNet(ifaceID: iface.ifaceID, backend: tap, mac: mac, logger: logger))
+            backends.append(VirtioNet(ifaceID: iface.ifaceID, backend: backend, mac: mac, logger: logger))
         }
         if let vsock = config.vsock {
             backends.append(try VirtioVsock(guestCID: vsock.guestCID, udsPath: vsock.udsPath, logger: logger))
@@ -84,9 +95,34 @@ struct VirtioSet: Sendable {
         return set
     }
 
+    /// A bridge of two ports, the device's (ofport 1) and the uplink (ofport 2), forwarding NORMAL.
+    static func uplinkBridge(_ ifaceID: String, _ uplink: UplinkConfig, logger: Logger) throws -> (Datapath, VMPort) {
+        let context = "network interface `\(ifaceID)`"
+        do {
+            let bridge = try Datapath(name: "vm-\(ifaceID)", logger: logger)
+            let port = try VMPort(name: ifaceID, ofport: 1)
+            let outside: any DatapathPort
+            switch uplink.kind {
+            case .system(let interface):
+                outside = try SystemPort(name: interface, ofport: 2)
+            case .vxlan(let remote, let key, let udpPort):
+                let socket = try VXLANSocket(bridge: "vm-\(ifaceID)", port: udpPort)
+                outside = try VXLANPort(name: "vxlan-\(ifaceID)", ofport: 2, remote: remote, vni: key, socket: socket)
+            }
+            bridge.add(port)
+            bridge.add(outside)
+            bridge.configure(PipelineConfig(ports: [1: VLANConfig(), 2: VLANConfig()], tables: FlowTables.normalOnly().snapshot()))
+            try bridge.start()
+            return (bridge, port)
+        } catch {
+            throw ConfigError("\(context): cannot make its \(uplink): \(error)")
+        }
+    }
+
     /// Stops every device thread and flushes the disks (the VM has ended).
     func shutdown(logger: Logger) {
         for t in transports { t.backend.reset() }
+        for bridge in bridges { bridge.stop() }
         for (id, block) in blocks {
             do { try block.image.flush() } catch { logger.error("drive `\(id)`: flushing at exit failed: \(error)") }
         }

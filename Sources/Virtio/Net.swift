@@ -174,15 +174,15 @@ final class NetLoop: DeviceLoop {
                 logger.debug("virtio-net: dropping a TX chain of \(chain.readableLength) bytes")
                 return 0
             }
-            let result: TransferResult
-            do {
-                result = try memory.withHostBuffers(chain.readable.ranges) { buffers in
-                    try backend.send(buffers.map { UnsafeRawBufferPointer($0) })
+            // A backend's error refuses this one frame (EINVAL from a TAP for a malformed GSO
+            // header, say): it is dropped. Only a chain outside guest memory is the device's error.
+            let result = try memory.withHostBuffers(chain.readable.ranges) { buffers -> TransferResult in
+                do {
+                    return try backend.send(buffers.map { UnsafeRawBufferPointer($0) })
+                } catch {
+                    logger.debug("virtio-net: \(backend.name) refused a frame: \(error)")
+                    return .done(0)
                 }
-            } catch let error as SystemError {
-                // The host refused this frame (EINVAL for a malformed GSO header, say): drop it.
-                logger.debug("virtio-net: \(backend.name) refused a frame: \(error)")
-                return 0
             }
             if result == .wouldBlock { logger.debug("virtio-net: \(backend.name) is full; a frame was dropped") }
             logger.trace("virtio-net: TX \(chain.readableLength) bytes in \(chain.readable.count) buffers: \(result)")

@@ -23,7 +23,7 @@ enum Nested {
         process.executableURL = URL(fileURLWithPath: tool)
         process.arguments = arguments
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("nested-\(UUID().uuidString).log")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         let handle = try FileHandle(forWritingTo: log)
         process.standardOutput = handle
         process.standardError = handle

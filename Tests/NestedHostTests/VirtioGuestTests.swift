@@ -2,6 +2,8 @@
 // the nested test host, which mounts ext4 from virtio-blk (raw, then a qcow2 overlay), checks a
 // read-only drive, pings and sends a file over virtio-net on a TAP, talks vsock both ways through
 // Firecracker's Unix-socket protocol and reads /dev/hwrng. The host side checks what was written.
+// A last boot does the network case again with the interface on nimbus-vmm's in-process switch
+// (an `uplink` veth, no TAP).
 import Foundation
 import Testing
 
@@ -13,9 +15,9 @@ struct VirtioGuestTests {
         try #require(prepared.status == 0, "nested-host prepare failed:\n\(prepared.output)")
         let process = Process()
         process.executableURL = Nested.root.appendingPathComponent("scripts/virtio-guest/run")
-        process.arguments = ["--vmm", "nimbus", "--nimbus", Nested.vmm, "--qcow2-pass", "--timeout", "900"]
+        process.arguments = ["--vmm", "nimbus", "--nimbus", Nested.vmm, "--qcow2-pass", "--switch-pass", "--timeout", "900"]
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("virtio-guest-\(UUID().uuidString).log")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         let handle = try FileHandle(forWritingTo: log)
         defer { try? FileManager.default.removeItem(at: log) }
         process.standardOutput = handle
@@ -31,7 +33,8 @@ struct VirtioGuestTests {
             "nimbus  BLK-READ-OK", "nimbus  BLK-WRITE-OK", "nimbus  BLK-RO-REFUSED", "nimbus  RNG-OK", "nimbus  NET-PING-OK",
             "nimbus  HOST-NET-TCP-RECV-OK", "nimbus  VSOCK-G2H-OK", "nimbus  HOST-VSOCK-H2G-OK", "nimbus  HOST-BLK-WRITTEN-OK",
             "nimbus  HOST-BLK-FSCK-OK", "nimbus  HOST-BLK-RO-UNCHANGED-OK", "nimbus-qcow2 BLK-WRITE-OK", "nimbus-qcow2 HOST-QCOW2-CHECK-OK",
-            "nimbus-qcow2 HOST-QCOW2-BASE-UNCHANGED-OK", "nimbus-qcow2 HOST-BLK-WRITTEN-OK",
+            "nimbus-qcow2 HOST-QCOW2-BASE-UNCHANGED-OK", "nimbus-qcow2 HOST-BLK-WRITTEN-OK", "nimbus-switch NET-PING-OK",
+            "nimbus-switch HOST-NET-TCP-RECV-OK",
         ] {
             #expect(summary.contains(marker), "missing \(marker) in:\n\(summary.suffix(4000))")
         }

@@ -80,7 +80,7 @@ struct OVSToolsTests {
         let path = NSTemporaryDirectory() + "nimbus-switchd-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         // The log file must exist before the daemon opens it.
-        FileManager.default.createFile(atPath: path + "/switchd.log", contents: nil)
+        _ = FileManager.default.createFile(atPath: path + "/switchd.log", contents: nil)
         return path
     }
 

@@ -12,7 +12,7 @@ struct SwitchNamespaceTests {
         try #require(OVSTools.installed, "install openvswitch-switch (ovs-vsctl, ovs-ofctl)")
         try #require(FileManager.default.isExecutableFile(atPath: OVSTools.switchd), "build nimbus-switchd first (scripts/test does)")
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("switch-e2e-\(UUID().uuidString).log")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         defer { try? FileManager.default.removeItem(at: log) }
         let handle = try FileHandle(forWritingTo: log)
         let process = Process()

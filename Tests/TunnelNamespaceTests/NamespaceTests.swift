@@ -27,7 +27,7 @@ struct TunnelNamespaceTests {
         process.executableURL = NamespaceHost.root.appendingPathComponent("scripts/tunnel-e2e/run")
         process.arguments = ["--tunnel", NamespaceHost.tunnel]
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("tunnel-e2e-\(UUID().uuidString).log")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         let handle = try FileHandle(forWritingTo: log)
         defer { try? FileManager.default.removeItem(at: log) }
         process.standardOutput = handle

@@ -57,6 +57,11 @@ import Testing
     }
 }
 
+/// A configuration with one network interface `e` made of `fields`.
+func nic(_ fields: String) -> String {
+    #"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [{"iface_id": "e", "# + fields + "}]}"
+}
+
 @Suite struct ConfigTests {
     func parse(_ text: String) throws -> VMConfig { try VMConfig(fileContents: Array(text.utf8)) }
 
@@ -95,6 +100,25 @@ import Testing
         #expect(reparsed == c)
     }
 
+    @Test func uplinkInterfacesUseTheInProcessSwitch() throws {
+        let c = try parse(
+            """
+            {"boot-source": {"kernel_image_path": "/k"},
+             "network-interfaces": [{"iface_id": "eth0", "uplink": {"type": "system", "name": "veth-vm"}, "guest_mac": "06:00:00:00:00:01"},
+                                    {"iface_id": "eth1", "uplink": {"type": "vxlan", "remote_ip": "192.0.2.7", "key": 42}}]}
+            """)
+        #expect(
+            c.networkInterfaces.map(\.uplink?.kind) == [.system(interface: "veth-vm"), .vxlan(remoteIP: "192.0.2.7", key: 42, port: 4789)])
+        #expect(c.networkInterfaces.allSatisfy { $0.hostDevName == nil })
+        #expect(try VMConfig(fileContents: Array(c.json.serialized().utf8)) == c)
+        // One uplink serves one interface.
+        var twice = c
+        #expect(throws: ConfigError.self) {
+            let uplink = c.networkInterfaces[0].uplink?.json ?? .null
+            try twice.addNetworkInterface(NetworkInterfaceConfig(json: .object(["iface_id": .string("eth2"), "uplink": uplink])))
+        }
+    }
+
     @Test func oldHTEnabledNameIsAccepted() throws {
         let c = try parse(#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 2, "mem_size_mib": 64, "ht_enabled": true}}"#)
         #expect(c.machine.smt)
@@ -116,6 +140,13 @@ import Testing
         (#"{"boot-source": {"kernel_image_path": "/k"}, "entropy": {"rate_limiter": {}}}"#, "rate_limiter"),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [{"iface_id": "e", "host_dev_name": "t", "guest_mac": "zz"}]}"#, "not a MAC"),
         (#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "a b", "path_on_host": "/d"}]}"#, "drive_id"),
+        (#"{"boot-source": {"kernel_image_path": "/k"}, "network-interfaces": [{"iface_id": "e"}]}"#, "give `host_dev_name`"),
+        (nic(#""host_dev_name": "t", "uplink": {"type": "system", "name": "v"}"#), "not both"),
+        (nic(#""uplink": {"type": "bridge"}"#), "not an uplink type"),
+        (nic(#""uplink": {"type": "system", "name": "a/b"}"#), "not a network interface name"),
+        (nic(#""uplink": {"type": "vxlan", "remote_ip": "1.2.3"}"#), "not an IPv4"),
+        (nic(#""uplink": {"type": "vxlan", "remote_ip": "1.2.3.4", "key": 16777216}"#), "24-bit VNI"),
+        (nic(#""uplink": {"type": "system", "name": "v", "mtu": 1}"#), "unknown field `mtu`"),
         (#"{"boot-source": "#, "malformed JSON"),
         (#"[1, 2]"#, "must be a JSON object"),
     ])

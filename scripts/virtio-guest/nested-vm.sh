@@ -19,7 +19,10 @@
 # (appended to QEMU's virtio-net-device options, e.g. ",tx=timer"),
 # QEMU_VHOST_NET=on (QEMU's net data path in the kernel: needs the outer modules
 # vhost_iotlb vhost tap vhost_net; the default, off, matches nimbus-vmm's
-# user-space data path).
+# user-space data path), NET_BACKEND=switch (nimbus-vmm only: the interface has
+# an `uplink` instead of a TAP, so its frames cross a switch bridge inside
+# nimbus-vmm to the veth end vmup, whose peer vmhost holds 172.30.0.1/24;
+# needs the outer module veth; tap0 is removed first so the subnet has one route).
 #
 # Host side of each case:
 #   blk    copies disk.ext4 to rw.ext4 and ro.ext4 (drives 1 and 2; drive 3 is
@@ -66,8 +69,17 @@ dmesg -n 1
 rm -rf "$W"
 mkdir -p "$W"
 
+NET_BACKEND=${NET_BACKEND:-tap}
+if [ "$NET_BACKEND" = switch ]; then
+    # The in-process switch's uplink: a veth pair, the host's address on the far end.
+    [ -e /sys/class/net/tap0 ] && $BIN/ip link del tap0
+    if [ ! -e /sys/class/net/vmup ]; then
+        $BIN/ip link add vmup type veth peer name vmhost &&
+            $BIN/ip addr add $HOST_IP/24 dev vmhost &&
+            $BIN/ip link set vmhost up || echo "nested-vm: cannot set up the veth pair vmup/vmhost"
+    fi
 # TAP (once per nested host); busybox ip has no tuntap: the copied iproute2.
-if [ ! -e /sys/class/net/tap0 ]; then
+elif [ ! -e /sys/class/net/tap0 ]; then
     $BIN/ip tuntap add dev tap0 mode tap &&
         $BIN/ip addr add $HOST_IP/24 dev tap0 &&
         $BIN/ip link set tap0 up || echo "nested-vm: cannot set up tap0"
@@ -148,8 +160,11 @@ else
             has bench && { echo ','; drive scratch "$W/scratch.raw" false; }
             echo; echo '  ]'
         fi
-        [ $need_net = 1 ] &&
+        if [ $need_net = 1 ] && [ "$NET_BACKEND" = switch ]; then
+            echo "  ,\"network-interfaces\": [{\"iface_id\": \"eth0\", \"uplink\": {\"type\": \"system\", \"name\": \"vmup\"}, \"guest_mac\": \"$MAC\"}]"
+        elif [ $need_net = 1 ]; then
             echo "  ,\"network-interfaces\": [{\"iface_id\": \"eth0\", \"host_dev_name\": \"tap0\", \"guest_mac\": \"$MAC\"}]"
+        fi
         [ $vsock_mode = uds ] && echo "  ,\"vsock\": {\"guest_cid\": $CID, \"uds_path\": \"$W/v.sock\"}"
         [ $need_rng = 1 ] && echo '  ,"entropy": {}'
         echo '}'
@@ -200,7 +215,8 @@ for p in $PIDS; do kill "$p" 2>/dev/null; done
 sleep 1
 
 # TAP counters: drops here mean the monitor did not keep up with host->guest traffic.
-[ -e /sys/class/net/tap0 ] && echo "HOST-TAP-STATS $(tr '\n' ' ' </sys/class/net/tap0/statistics/tx_dropped 2>/dev/null)tx_dropped $(cat /sys/class/net/tap0/statistics/tx_packets) tx_packets $(cat /sys/class/net/tap0/statistics/rx_packets) rx_packets"
+[ -e /sys/class/net/vmhost ] && echo "HOST-VETH-STATS $(cat /sys/class/net/vmhost/statistics/rx_packets) rx_packets $(cat /sys/class/net/vmhost/statistics/tx_packets) tx_packets"
+[ "$NET_BACKEND" = tap ] && [ -e /sys/class/net/tap0 ] && echo "HOST-TAP-STATS $(tr '\n' ' ' </sys/class/net/tap0/statistics/tx_dropped 2>/dev/null)tx_dropped $(cat /sys/class/net/tap0/statistics/tx_packets) tx_packets $(cat /sys/class/net/tap0/statistics/rx_packets) rx_packets"
 
 # --- host-side checks
 if has blk && [ "$RW_FORMAT" = qcow2 ]; then

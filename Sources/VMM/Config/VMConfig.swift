@@ -127,21 +127,33 @@ public struct DriveConfig: Sendable, Equatable {
     }
 }
 
-/// An entry of `network-interfaces` (served by the virtio-net device).
+/// An entry of `network-interfaces` (served by the virtio-net device). Its frames go either to a
+/// TAP device (`host_dev_name`, as in Firecracker) or, a Nimbus extension, through a switch bridge
+/// inside nimbus-vmm to an `uplink`, with no TAP in between.
 public struct NetworkInterfaceConfig: Sendable, Equatable {
     public var ifaceID: String
-    public var hostDevName: String
+    public var hostDevName: String?
+    public var uplink: UplinkConfig?
     public var guestMAC: String?
 
     public init(json: JSONValue, context: String = "network-interface") throws(ConfigError) {
         var r = try ObjectReader(json, context: context)
         ifaceID = try r.requiredString("iface_id")
-        hostDevName = try r.requiredString("host_dev_name")
+        hostDevName = try r.string("host_dev_name")
+        uplink = try r.value("uplink").map { json throws(ConfigError) in try UplinkConfig(json: json, context: "\(context) uplink") }
         guestMAC = try r.string("guest_mac")
         _ = r.value("rx_rate_limiter")
         _ = r.value("tx_rate_limiter")
         try r.finish()
         try validateID(ifaceID, field: "iface_id", context: context)
+        switch (hostDevName, uplink) {
+        case (nil, nil):
+            throw ConfigError("\(context): give `host_dev_name` (a TAP device) or `uplink` (Nimbus's in-process switch)")
+        case (.some, .some):
+            throw ConfigError("\(context): give `host_dev_name` or `uplink`, not both")
+        default:
+            break
+        }
         if let guestMAC, !Self.isMAC(guestMAC) {
             throw ConfigError("\(context): `guest_mac` \"\(guestMAC)\" is not a MAC address like AA:FC:00:00:00:01")
         }
@@ -152,10 +164,71 @@ public struct NetworkInterfaceConfig: Sendable, Equatable {
         return parts.count == 6 && parts.allSatisfy { $0.count == 2 && UInt8($0, radix: 16) != nil }
     }
 
+    /// What the interface's frames go to, for messages and duplicate checks.
+    var hostSide: String {
+        if let hostDevName { return "TAP \(hostDevName)" }
+        return uplink?.description ?? "nothing"
+    }
+
     public var json: JSONValue {
-        var o: [String: JSONValue] = ["iface_id": .string(ifaceID), "host_dev_name": .string(hostDevName)]
+        var o: [String: JSONValue] = ["iface_id": .string(ifaceID)]
+        if let hostDevName { o["host_dev_name"] = .string(hostDevName) }
+        if let uplink { o["uplink"] = uplink.json }
         if let guestMAC { o["guest_mac"] = .string(guestMAC) }
         return .object(o)
+    }
+}
+
+/// Where a network interface's in-process switch bridge sends what is not for the guest: an
+/// existing kernel interface (`"type": "system"`, read and written through an AF_PACKET socket,
+/// e.g. one end of a veth pair) or a VXLAN tunnel (`"type": "vxlan"`).
+public struct UplinkConfig: Sendable, Equatable, CustomStringConvertible {
+    public enum Kind: Sendable, Equatable {
+        case system(interface: String)
+        case vxlan(remoteIP: String, key: UInt32, port: UInt16)
+    }
+    public var kind: Kind
+
+    public init(json: JSONValue, context: String) throws(ConfigError) {
+        var r = try ObjectReader(json, context: context)
+        let type = try r.requiredString("type")
+        switch type {
+        case "system":
+            let name = try r.requiredString("name")
+            guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), !name.contains(" ") else {
+                throw ConfigError("\(context): `name` \"\(name)\" is not a network interface name (1 to 15 characters, no / or space)")
+            }
+            kind = .system(interface: name)
+        case "vxlan":
+            let remote = try r.requiredString("remote_ip")
+            let parts = remote.split(separator: ".", omittingEmptySubsequences: false)
+            guard parts.count == 4, parts.allSatisfy({ UInt8($0) != nil }) else {
+                throw ConfigError("\(context): `remote_ip` \"\(remote)\" is not an IPv4 address")
+            }
+            let key = try r.integer("key") ?? 0
+            guard (0..<(1 << 24)).contains(key) else { throw ConfigError("\(context): `key` \(key) is not a 24-bit VNI") }
+            let port = try r.integer("dst_port") ?? 4789
+            guard (1...65535).contains(port) else { throw ConfigError("\(context): `dst_port` \(port) is not a UDP port") }
+            kind = .vxlan(remoteIP: remote, key: UInt32(key), port: UInt16(port))
+        default:
+            throw ConfigError("\(context): `type` \"\(type)\" is not an uplink type (system or vxlan)")
+        }
+        try r.finish()
+    }
+
+    public var description: String {
+        switch kind {
+        case .system(let interface): "uplink \(interface)"
+        case .vxlan(let remote, let key, let port): "VXLAN uplink to \(remote):\(port) key \(key)"
+        }
+    }
+
+    public var json: JSONValue {
+        switch kind {
+        case .system(let interface): .object(["type": .string("system"), "name": .string(interface)])
+        case .vxlan(let remote, let key, let port):
+            .object(["type": .string("vxlan"), "remote_ip": .string(remote), "key": .integer(Int64(key)), "dst_port": .integer(Int64(port))])
+        }
     }
 }
 
@@ -259,8 +332,8 @@ public struct VMConfig: Sendable, Equatable {
 
     /// Adds or replaces (same `iface_id`) a network interface.
     public mutating func addNetworkInterface(_ iface: NetworkInterfaceConfig) throws(ConfigError) {
-        if networkInterfaces.contains(where: { $0.hostDevName == iface.hostDevName && $0.ifaceID != iface.ifaceID }) {
-            throw ConfigError("network interface `\(iface.ifaceID)`: host device \(iface.hostDevName) is already used")
+        if networkInterfaces.contains(where: { $0.hostSide == iface.hostSide && $0.ifaceID != iface.ifaceID }) {
+            throw ConfigError("network interface `\(iface.ifaceID)`: \(iface.hostSide) is already used")
         }
         if let i = networkInterfaces.firstIndex(where: { $0.ifaceID == iface.ifaceID }) {
             networkInterfaces[i] = iface
