@@ -15,6 +15,7 @@
 #include <net/if.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <arpa/inet.h>
 #include <linux/if_packet.h>
@@ -153,6 +154,32 @@ int nimbus_unix_listen(const char *path, int backlog) {
         return nimbus_close_failed(fd);
     }
     return fd;
+}
+
+int nimbus_unix_dgram_bind(const char *path) {
+    struct sockaddr_un address;
+    if (unix_address(path, &address) != 0) return -1;
+    // A socket left behind by an earlier run is replaced; any other file at the path is an error.
+    struct stat existing;
+    if (lstat(path, &existing) == 0) {
+        if (!S_ISSOCK(existing.st_mode)) { errno = EEXIST; return -1; }
+        unlink(path);
+    }
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    int size = 4 << 20;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    if (bind(fd, (struct sockaddr *)&address, sizeof address) != 0) return nimbus_close_failed(fd);
+    return fd;
+}
+
+int nimbus_unix_dgram_connect(int fd, const char *path) {
+    struct sockaddr_un address;
+    if (unix_address(path, &address) != 0) return -1;
+    int rc;
+    do { rc = connect(fd, (struct sockaddr *)&address, sizeof address); } while (rc != 0 && errno == EINTR);
+    return rc;
 }
 
 int nimbus_accept_nonblocking(int fd) { return accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); }

@@ -301,8 +301,8 @@ public final class FrameBatch {
     private var scratch: [nimbus_frame] = []
     private var scratchSources: [UInt32] = []
 
-    /// Receives up to `capacity` frames from an AF_PACKET socket; returns how many.
-    public func receive(from socket: PacketSocket) throws(SystemError) -> Int {
+    /// Receives up to `capacity` frames from an AF_PACKET or Unix datagram socket; returns how many.
+    public func receive(from socket: FrameSocket) throws(SystemError) -> Int {
         let headerBytes = socket.vnetHeader ? VirtioNetHeader.size : 0
         prepareReceive(&scratch, headerBytes: headerBytes)
         let capacityBytes = UInt32(frameCapacity + headerBytes)
@@ -383,11 +383,18 @@ public struct FrameRef {
     }
 }
 
-/// An AF_PACKET socket on one interface (a veth end or any kernel interface).
-public final class PacketSocket {
+/// A socket that carries one Ethernet frame per datagram: an AF_PACKET socket on one interface
+/// (a veth end or any kernel interface), or an AF_UNIX datagram socket whose peer is another
+/// program's socket (QEMU's `-netdev dgram`, or nimbus-vmm), each frame optionally after a
+/// 10-byte virtio-net header.
+public final class FrameSocket {
     public let name: String
     public let descriptor: OwnedFileDescriptor
     public let vnetHeader: Bool
+    /// For a Unix socket: the path of the peer's socket.
+    public let remotePath: String?
+    /// The errno of the last send that failed (0 if none has).
+    public private(set) var lastSendError: Int32 = 0
 
     public init(interface name: String, vnetHeader: Bool = true) throws(SystemError) {
         let index = nimbus_if_index(name)
@@ -397,6 +404,26 @@ public final class PacketSocket {
         self.name = name
         descriptor = OwnedFileDescriptor(taking: fd)
         self.vnetHeader = vnetHeader
+        remotePath = nil
+    }
+
+    /// A Unix datagram socket bound at `localPath` (a stale socket there is replaced) whose frames
+    /// go to the socket at `remotePath`; `connect()` makes that peer its only source and target.
+    public init(unixDatagram localPath: String, remotePath: String, vnetHeader: Bool) throws(SystemError) {
+        let fd = nimbus_unix_dgram_bind(localPath)
+        guard fd >= 0 else { throw SystemError(call: "bind(AF_UNIX datagram)", subject: localPath, errno: errno) }
+        name = localPath
+        descriptor = OwnedFileDescriptor(taking: fd)
+        self.vnetHeader = vnetHeader
+        self.remotePath = remotePath
+    }
+
+    /// Connects a Unix datagram socket to its peer; fails while the peer's socket does not exist.
+    public func connect() throws(SystemError) {
+        guard let remotePath else { return }
+        guard nimbus_unix_dgram_connect(descriptor.rawValue, remotePath) == 0 else {
+            throw SystemError(call: "connect(AF_UNIX datagram)", subject: remotePath, errno: errno)
+        }
     }
 
     private var pending: [nimbus_frame] = []
@@ -415,6 +442,7 @@ public final class PacketSocket {
                 guard let base = all.baseAddress else { return 0 }
                 return nimbus_frames_send(descriptor.rawValue, base + sent, Int32(batch))
             }
+            if result < 0 { lastSendError = errno }
             if result <= 0 { break }
             sent += Int(result)
         }

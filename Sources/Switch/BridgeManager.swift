@@ -46,6 +46,11 @@ public final class BridgeManager: @unchecked Sendable {
             }
             vxlanSockets[udpPort] = socket
             return try VXLANPort(name: port.name, ofport: ofport, remote: remote, vni: vni, socket: socket)
+        case "dgram":
+            if let problem = DatagramPort.optionsProblem(port.options) { throw SwitchError("\(port.name): \(problem)") }
+            return try DatagramPort(
+                name: port.name, ofport: ofport, localPath: port.options["local_path"] ?? "", remotePath: port.options["remote_path"] ?? "",
+                vnetHeader: port.options["vnet_hdr"] == "true")
         default: throw SwitchError("ports of type \(port.type) are not supported by this datapath yet")
         }
     }

@@ -1,8 +1,10 @@
 // Switch layer: the kinds of port a bridge has. `system` ports are kernel interfaces (a veth end)
 // read and written through an AF_PACKET socket; `internal` ports are TAP devices the switch
 // creates and names after the port; `tap` ports attach to an existing TAP; `MemoryPort`s are
-// in-process (VMs' virtio-net devices, and tests). Sockets and TAPs carry virtio-net headers, so
-// TSO frames and partial checksums cross the switch whole.
+// in-process (VMs' virtio-net devices, and tests); `dgram` ports exchange frames with another
+// program over Unix datagrams. Sockets and TAPs carry virtio-net headers, so TSO frames and
+// partial checksums cross the switch whole.
+import Glibc
 import LinuxSystem
 import Synchronization
 
@@ -12,11 +14,11 @@ public final class SystemPort: DatapathPort, @unchecked Sendable {
     public let ofport: UInt32
     public let name: String
     public let counters = PortCounters()
-    let socket: PacketSocket
+    let socket: FrameSocket
 
     public init(name: String, ofport: UInt32) throws(SystemError) {
         try NetworkInterface.setUp(name)
-        socket = try PacketSocket(interface: name, vnetHeader: true)
+        socket = try FrameSocket(interface: name, vnetHeader: true)
         self.name = name
         self.ofport = ofport
     }
@@ -24,6 +26,93 @@ public final class SystemPort: DatapathPort, @unchecked Sendable {
     public var pollDescriptor: Int32 { socket.descriptor.rawValue }
     public func receive(into batch: FrameBatch) -> Int { (try? batch.receive(from: socket)) ?? 0 }
     public func send(_ frames: [FrameRef]) -> Int { socket.send(frames) }
+}
+
+/// A `dgram` port: frames as Unix datagrams to and from another program, typically a VM monitor
+/// (QEMU's `-netdev dgram` with unix local and remote addresses, or nimbus-vmm's `"type": "dgram"`
+/// uplink), so a VM joins the bridge without a TAP. The switch binds `options:local_path` and sends
+/// to `options:remote_path`; once that socket exists the port connects to it, which makes it the
+/// only source the kernel accepts. `options:vnet_hdr=true` puts a 10-byte virtio-net header before
+/// each frame (nimbus-vmm does), so TSO frames and partial checksums cross whole.
+public final class DatagramPort: DatapathPort, @unchecked Sendable {
+    // SAFETY (@unchecked): the socket and `connected` are used only by the datapath thread once the
+    // port is added.
+    public let ofport: UInt32
+    public let name: String
+    public let counters = PortCounters()
+    let socket: FrameSocket
+    private var connected = false
+    private var lastAttempt: UInt64 = 0
+    /// Segments of the frames being sent (without virtio-net headers, offloads are done here).
+    private let scratch = FrameBatch(capacity: 256, frameCapacity: 9216)
+
+    public init(name: String, ofport: UInt32, localPath: String, remotePath: String, vnetHeader: Bool) throws(SystemError) {
+        socket = try FrameSocket(unixDatagram: localPath, remotePath: remotePath, vnetHeader: vnetHeader)
+        self.name = name
+        self.ofport = ofport
+        connected = (try? socket.connect()) != nil
+    }
+
+    /// What is wrong with a `dgram` interface's options, or nil.
+    public static func optionsProblem(_ options: [String: String]) -> String? {
+        for key in ["local_path", "remote_path"] {
+            guard let path = options[key], !path.isEmpty else { return "dgram type requires '\(key)' argument" }
+            guard path.hasPrefix("/"), path.utf8.count < 108 else { return "\(key) \(path) is not an absolute path of under 108 bytes" }
+        }
+        if let header = options["vnet_hdr"], header != "true", header != "false" { return "vnet_hdr=\(header) is not true or false" }
+        return nil
+    }
+
+    public var pollDescriptor: Int32 { socket.descriptor.rawValue }
+
+    public func receive(into batch: FrameBatch) -> Int {
+        let received = (try? batch.receive(from: socket)) ?? 0
+        // Until the peer is connected any local program could send here: such frames are dropped
+        // (the first frames of a peer that has just started, too; the kernel filters after that).
+        guard connected else {
+            _ = connectNow()
+            batch.reset()
+            return 0
+        }
+        return received
+    }
+
+    public func send(_ frames: [FrameRef]) -> Int {
+        guard connected || connectNow() else { return 0 }
+        var outgoing = frames
+        if !socket.vnetHeader, frames.contains(where: { $0.batch.headers[$0.index].hasOffloads }) {
+            // Without headers the peer gets wire-ready frames only: segmented, checksums complete.
+            outgoing = []
+            scratch.reset()
+            for frame in frames {
+                let header = frame.batch.headers[frame.index]
+                guard header.hasOffloads else {
+                    outgoing.append(frame)
+                    continue
+                }
+                let bytes = frame.batch.bytes(frame.index, 0..<frame.batch.length(frame.index))
+                for segment in Offload.wireReady(bytes, header) where scratch.count < scratch.capacity && scratch.append(segment) {
+                    outgoing.append(FrameRef(scratch, scratch.count - 1))
+                }
+            }
+        }
+        let sent = socket.send(outgoing)
+        if sent < outgoing.count, [ECONNREFUSED, ENOTCONN].contains(socket.lastSendError) {
+            // The peer's socket is gone (the VM stopped); a new one at the same path is connected to
+            // on the next try.
+            connected = false
+        }
+        return min(sent, frames.count)
+    }
+
+    /// Tries to connect, at most once a second.
+    private func connectNow() -> Bool {
+        let now = Host.monotonicNanoseconds()
+        guard now &- lastAttempt >= 1_000_000_000 else { return false }
+        lastAttempt = now
+        connected = (try? socket.connect()) != nil
+        return connected
+    }
 }
 
 /// A TAP device: created by the switch for `internal` ports, or an existing one for `tap` ports.

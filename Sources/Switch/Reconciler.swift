@@ -45,7 +45,7 @@ public final class Reconciler {
     public static let database = "Open_vSwitch"
     /// OpenFlow's LOCAL port, which a bridge's own internal interface takes (as in OVS).
     public static let localPort = 65534
-    public static let supportedTypes: Set<String> = ["", "system", "internal", "tap", "vxlan", "nimbus"]
+    public static let supportedTypes: Set<String> = ["", "system", "internal", "tap", "vxlan", "dgram", "nimbus"]
 
     let logger: Logger
     let host: HostInterfaces
@@ -144,6 +144,8 @@ public final class Reconciler {
                         error = "could not open network device \(interfaceName) (No such device)"
                     } else if type == "vxlan", options["remote_ip"] == nil {
                         error = "\(interfaceName): vxlan type requires 'remote_ip' argument"
+                    } else if type == "dgram", let problem = DatagramPort.optionsProblem(options) {
+                        error = "\(interfaceName): \(problem)"
                     }
                     var ofport = -1
                     if error == nil {

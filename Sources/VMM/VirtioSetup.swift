@@ -108,6 +108,8 @@ struct VirtioSet: Sendable {
             case .vxlan(let remote, let key, let udpPort):
                 let socket = try VXLANSocket(bridge: "vm-\(ifaceID)", port: udpPort)
                 outside = try VXLANPort(name: "vxlan-\(ifaceID)", ofport: 2, remote: remote, vni: key, socket: socket)
+            case .datagram(let local, let remote, let header):
+                outside = try DatagramPort(name: "dgram-\(ifaceID)", ofport: 2, localPath: local, remotePath: remote, vnetHeader: header)
             }
             bridge.add(port)
             bridge.add(outside)

@@ -105,10 +105,14 @@ func nic(_ fields: String) -> String {
             """
             {"boot-source": {"kernel_image_path": "/k"},
              "network-interfaces": [{"iface_id": "eth0", "uplink": {"type": "system", "name": "veth-vm"}, "guest_mac": "06:00:00:00:00:01"},
-                                    {"iface_id": "eth1", "uplink": {"type": "vxlan", "remote_ip": "192.0.2.7", "key": 42}}]}
+                                    {"iface_id": "eth1", "uplink": {"type": "vxlan", "remote_ip": "192.0.2.7", "key": 42}},
+                                    {"iface_id": "eth2", "uplink": {"type": "dgram", "local_path": "/run/vm.sock", "remote_path": "/run/sw.sock"}}]}
             """)
         #expect(
-            c.networkInterfaces.map(\.uplink?.kind) == [.system(interface: "veth-vm"), .vxlan(remoteIP: "192.0.2.7", key: 42, port: 4789)])
+            c.networkInterfaces.map(\.uplink?.kind) == [
+                .system(interface: "veth-vm"), .vxlan(remoteIP: "192.0.2.7", key: 42, port: 4789),
+                .datagram(localPath: "/run/vm.sock", remotePath: "/run/sw.sock", vnetHeader: true),
+            ])
         #expect(c.networkInterfaces.allSatisfy { $0.hostDevName == nil })
         #expect(try VMConfig(fileContents: Array(c.json.serialized().utf8)) == c)
         // One uplink serves one interface.
@@ -147,6 +151,8 @@ func nic(_ fields: String) -> String {
         (nic(#""uplink": {"type": "vxlan", "remote_ip": "1.2.3"}"#), "not an IPv4"),
         (nic(#""uplink": {"type": "vxlan", "remote_ip": "1.2.3.4", "key": 16777216}"#), "24-bit VNI"),
         (nic(#""uplink": {"type": "system", "name": "v", "mtu": 1}"#), "unknown field `mtu`"),
+        (nic(#""uplink": {"type": "dgram", "local_path": "/a"}"#), "missing field `remote_path`"),
+        (nic(#""uplink": {"type": "dgram", "local_path": "a", "remote_path": "/b"}"#), "absolute path"),
         (#"{"boot-source": "#, "malformed JSON"),
         (#"[1, 2]"#, "must be a JSON object"),
     ])

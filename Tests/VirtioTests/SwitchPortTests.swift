@@ -68,6 +68,68 @@ import Testing
         #expect(waitFor(host) == [outgoing])
     }
 
+    @Test func aVMBridgeJoinsASwitchBridgeOverUnixDatagrams() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("dgram-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let vmSide = directory + "/vm.sock"
+        let switchSide = directory + "/switch.sock"
+        func bridge(_ name: String, _ ports: [any DatapathPort]) throws -> Datapath {
+            let datapath = try Datapath(name: name, logger: Logger(label: "test"))
+            for port in ports { datapath.add(port) }
+            let vlans = Dictionary(uniqueKeysWithValues: ports.map { ($0.ofport, VLANConfig()) })
+            datapath.configure(PipelineConfig(ports: vlans, tables: FlowTables.normalOnly().snapshot()))
+            try datapath.start()
+            return datapath
+        }
+        // nimbus-vmm's side: the guest's port and a dgram uplink; the switch's side: a dgram port and
+        // another VM's port, both with virtio-net headers.
+        let guest = try VMPort(name: "vm0", ofport: 1)
+        let uplink = try DatagramPort(name: "up", ofport: 2, localPath: vmSide, remotePath: switchSide, vnetHeader: true)
+        let vmBridge = try bridge("vmside", [guest, uplink])
+        defer { vmBridge.stop() }
+        let other = try VMPort(name: "vm1", ofport: 1)
+        let port = try DatagramPort(name: "vm0", ofport: 2, localPath: switchSide, remotePath: vmSide, vnetHeader: true)
+        let switchBridge = try bridge("switchside", [other, port])
+        defer { switchBridge.stop() }
+        try guest.backend.guestAccepts(checksum: true, tso4: true, tso6: false)
+        try other.backend.guestAccepts(checksum: true, tso4: true, tso6: false)
+
+        // A TSO super-frame from the guest reaches the other VM whole, its header intact (the
+        // uplink connects to its peer within a second of the peer's socket existing).
+        let superFrame = Self.tcpFrame(from: 1, to: 2, payload: 3000)
+        let header = VirtioNetHeader(
+            flags: VirtioNetHeader.needsChecksum, gsoType: VirtioNetHeader.gsoTCPv4, headerLength: 54, gsoSize: 1000, checksumStart: 34,
+            checksumOffset: 16)
+        let wire = header.wire + [0, 0] + superFrame
+        var buffer = [UInt8](repeating: 0, count: 70_000)
+        var arrived: [UInt8]?
+        for _ in 0..<300 where arrived == nil {
+            _ = try wire.withUnsafeBytes { try guest.backend.send([$0]) }
+            Thread.sleep(forTimeInterval: 0.01)
+            if case .done(let n) = try buffer.withUnsafeMutableBytes({ try other.backend.receive(into: $0) }) { arrived = Array(buffer[0..<n]) }
+        }
+        #expect(arrived == wire)
+        // And back: the answer finds the guest (its MAC was learned on both bridges).
+        let answer = Self.tcpFrame(from: 2, to: 1, payload: 100)
+        _ = try ([UInt8](repeating: 0, count: 12) + answer).withUnsafeBytes { try other.backend.send([$0]) }
+        var back: [UInt8]?
+        for _ in 0..<300 where back == nil {
+            Thread.sleep(forTimeInterval: 0.01)
+            if case .done(let n) = try buffer.withUnsafeMutableBytes({ try guest.backend.receive(into: $0) }), n == 12 + answer.count {
+                back = Array(buffer[12..<n])
+            }
+        }
+        #expect(back == answer)
+    }
+
+    @Test func datagramPortOptionsAreChecked() {
+        #expect(DatagramPort.optionsProblem(["local_path": "/a", "remote_path": "/b"]) == nil)
+        #expect(DatagramPort.optionsProblem(["local_path": "/a"])?.contains("remote_path") == true)
+        #expect(DatagramPort.optionsProblem(["local_path": "a", "remote_path": "/b"])?.contains("absolute") == true)
+        #expect(DatagramPort.optionsProblem(["local_path": "/a", "remote_path": "/b", "vnet_hdr": "yes"])?.contains("vnet_hdr") == true)
+    }
+
     @Test func offloadsPassOnlyToAGuestThatTakesThem() throws {
         let port = try VMPort(name: "vm1", ofport: 1)
         let superFrame = Self.tcpFrame(from: 1, to: 2, payload: 3000)

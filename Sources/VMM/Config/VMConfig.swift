@@ -181,11 +181,14 @@ public struct NetworkInterfaceConfig: Sendable, Equatable {
 
 /// Where a network interface's in-process switch bridge sends what is not for the guest: an
 /// existing kernel interface (`"type": "system"`, read and written through an AF_PACKET socket,
-/// e.g. one end of a veth pair) or a VXLAN tunnel (`"type": "vxlan"`).
+/// e.g. one end of a veth pair), a VXLAN tunnel (`"type": "vxlan"`), or a `dgram` port of
+/// nimbus-switchd (`"type": "dgram"`: Unix datagrams between `local_path`, bound here, and the
+/// switch's `remote_path`, with virtio-net headers unless `vnet_hdr` is false).
 public struct UplinkConfig: Sendable, Equatable, CustomStringConvertible {
     public enum Kind: Sendable, Equatable {
         case system(interface: String)
         case vxlan(remoteIP: String, key: UInt32, port: UInt16)
+        case datagram(localPath: String, remotePath: String, vnetHeader: Bool)
     }
     public var kind: Kind
 
@@ -210,8 +213,18 @@ public struct UplinkConfig: Sendable, Equatable, CustomStringConvertible {
             let port = try r.integer("dst_port") ?? 4789
             guard (1...65535).contains(port) else { throw ConfigError("\(context): `dst_port` \(port) is not a UDP port") }
             kind = .vxlan(remoteIP: remote, key: UInt32(key), port: UInt16(port))
+        case "dgram":
+            var paths: [String] = []
+            for key in ["local_path", "remote_path"] {
+                let path = try r.requiredString(key)
+                guard path.hasPrefix("/"), path.utf8.count < 108 else {
+                    throw ConfigError("\(context): `\(key)` \"\(path)\" is not an absolute path of under 108 bytes")
+                }
+                paths.append(path)
+            }
+            kind = .datagram(localPath: paths[0], remotePath: paths[1], vnetHeader: try r.bool("vnet_hdr") ?? true)
         default:
-            throw ConfigError("\(context): `type` \"\(type)\" is not an uplink type (system or vxlan)")
+            throw ConfigError("\(context): `type` \"\(type)\" is not an uplink type (system, vxlan or dgram)")
         }
         try r.finish()
     }
@@ -220,6 +233,7 @@ public struct UplinkConfig: Sendable, Equatable, CustomStringConvertible {
         switch kind {
         case .system(let interface): "uplink \(interface)"
         case .vxlan(let remote, let key, let port): "VXLAN uplink to \(remote):\(port) key \(key)"
+        case .datagram(let local, let remote, _): "datagram uplink \(local) to \(remote)"
         }
     }
 
@@ -228,6 +242,8 @@ public struct UplinkConfig: Sendable, Equatable, CustomStringConvertible {
         case .system(let interface): .object(["type": .string("system"), "name": .string(interface)])
         case .vxlan(let remote, let key, let port):
             .object(["type": .string("vxlan"), "remote_ip": .string(remote), "key": .integer(Int64(key)), "dst_port": .integer(Int64(port))])
+        case .datagram(let local, let remote, let header):
+            .object(["type": .string("dgram"), "local_path": .string(local), "remote_path": .string(remote), "vnet_hdr": .bool(header)])
         }
     }
 }
