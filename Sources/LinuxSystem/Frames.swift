@@ -393,7 +393,7 @@ public final class FrameSocket {
     public let vnetHeader: Bool
     /// For a Unix socket: the path of the peer's socket.
     public let remotePath: String?
-    /// The errno of the last send that failed (0 if none has).
+    /// The errno of the failure that ended the last `send` early (0 if it did not fail).
     public private(set) var lastSendError: Int32 = 0
 
     public init(interface name: String, vnetHeader: Bool = true) throws(SystemError) {
@@ -418,6 +418,15 @@ public final class FrameSocket {
         self.remotePath = remotePath
     }
 
+    /// Waits up to `milliseconds` for the socket to take more (for a connected Unix datagram
+    /// socket: for its peer's queue to have room); true when it can.
+    public func waitWritable(milliseconds: Int32) -> Bool {
+        var entry = pollfd(fd: descriptor.rawValue, events: Int16(POLLOUT), revents: 0)
+        // SAFETY: one pollfd on the stack, passed with its count.
+        let result = Glibc.poll(&entry, 1, milliseconds)
+        return result > 0 && entry.revents & Int16(POLLOUT) != 0
+    }
+
     /// Connects a Unix datagram socket to its peer; fails while the peer's socket does not exist.
     public func connect() throws(SystemError) {
         guard let remotePath else { return }
@@ -432,6 +441,7 @@ public final class FrameSocket {
     @discardableResult
     public func send(_ frames: [FrameRef]) -> Int {
         let headerBytes = vnetHeader ? VirtioNetHeader.size : 0
+        lastSendError = 0
         pending.removeAll(keepingCapacity: true)
         for frame in frames { pending.append(frame.batch.descriptor(frame.index, headerBytes: headerBytes)) }
         var sent = 0

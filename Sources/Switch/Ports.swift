@@ -79,30 +79,60 @@ public final class DatagramPort: DatapathPort, @unchecked Sendable {
 
     public func send(_ frames: [FrameRef]) -> Int {
         guard connected || connectNow() else { return 0 }
-        var outgoing = frames
-        if !socket.vnetHeader, frames.contains(where: { $0.batch.headers[$0.index].hasOffloads }) {
-            // Without headers the peer gets wire-ready frames only: segmented, checksums complete.
-            outgoing = []
-            scratch.reset()
-            for frame in frames {
-                let header = frame.batch.headers[frame.index]
-                guard header.hasOffloads else {
-                    outgoing.append(frame)
-                    continue
+        guard !socket.vnetHeader, frames.contains(where: { $0.batch.headers[$0.index].hasOffloads }) else {
+            return transmit(frames) ? frames.count : 0
+        }
+        // Without headers the peer gets wire-ready frames only: segmented, checksums complete. A
+        // TSO frame makes up to 45 segments, so the scratch batch is sent whenever it fills.
+        var outgoing: [FrameRef] = []
+        scratch.reset()
+        for frame in frames {
+            let header = frame.batch.headers[frame.index]
+            guard header.hasOffloads else {
+                outgoing.append(frame)
+                continue
+            }
+            let bytes = frame.batch.bytes(frame.index, 0..<frame.batch.length(frame.index))
+            for segment in Offload.wireReady(bytes, header) {
+                if scratch.count == scratch.capacity {
+                    guard transmit(outgoing) else { return 0 }
+                    outgoing.removeAll(keepingCapacity: true)
+                    scratch.reset()
                 }
-                let bytes = frame.batch.bytes(frame.index, 0..<frame.batch.length(frame.index))
-                for segment in Offload.wireReady(bytes, header) where scratch.count < scratch.capacity && scratch.append(segment) {
-                    outgoing.append(FrameRef(scratch, scratch.count - 1))
-                }
+                if scratch.append(segment) { outgoing.append(FrameRef(scratch, scratch.count - 1)) }
             }
         }
-        let sent = socket.send(outgoing)
-        if sent < outgoing.count, [ECONNREFUSED, ENOTCONN].contains(socket.lastSendError) {
-            // The peer's socket is gone (the VM stopped); a new one at the same path is connected to
-            // on the next try.
-            connected = false
+        return transmit(outgoing) ? frames.count : 0
+    }
+
+    /// How long a send waits in all for the peer to drain its queue. A Unix datagram queue holds
+    /// only `net.unix.max_dgram_qlen` datagrams (10 by default), fewer than one TSO frame's
+    /// segments, so the port waits for room (briefly, as a NIC's queue would back-pressure) before
+    /// it drops.
+    static let drainWaitMilliseconds: Int32 = 20
+
+    /// Sends frames; false when the peer's socket is gone (the VM stopped): a new one at the same
+    /// path is connected to on a later try. What the peer has no room for within the wait is dropped.
+    private func transmit(_ frames: [FrameRef]) -> Bool {
+        var rest = frames[...]
+        let deadline = Host.monotonicNanoseconds() &+ UInt64(Self.drainWaitMilliseconds) * 1_000_000
+        while !rest.isEmpty {
+            let sent = socket.send(Array(rest))
+            rest = rest.dropFirst(sent)
+            guard !rest.isEmpty else { break }
+            if [ECONNREFUSED, ENOTCONN].contains(socket.lastSendError) {
+                connected = false
+                return false
+            }
+            let now = Host.monotonicNanoseconds()
+            // A frame the kernel refuses outright (a bad header from a hostile peer) is skipped.
+            if socket.lastSendError != 0 {
+                rest = rest.dropFirst()
+                continue
+            }
+            guard now < deadline, socket.waitWritable(milliseconds: Int32(max(1, (deadline - now) / 1_000_000))) else { break }
         }
-        return min(sent, frames.count)
+        return true
     }
 
     /// Tries to connect, at most once a second.
