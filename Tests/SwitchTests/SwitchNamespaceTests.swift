@@ -1,6 +1,6 @@
 // nimbus-switchd with the real tools across network namespaces: scripts/switch-e2e/run drives
-// ping, iperf3, VLAN access and trunk ports, an ovs-ofctl drop rule with counters, a restart, and
-// VXLAN between two daemons and to a Linux vxlan device. Needs root; with
+// ping, iperf3, VLAN access and trunk ports, an ovs-ofctl drop rule with counters, a restart, a
+// dgram port to QEMU's -netdev dgram, and VXLAN between two daemons and to a Linux vxlan device. Needs root; with
 // NIMBUS_REQUIRE_PRIVILEGED=1 (CI) a missing privilege fails instead of skipping.
 import Foundation
 import Testing
@@ -33,6 +33,8 @@ struct SwitchNamespaceTests {
             "PASS an ovs-ofctl drop rule stops ICMP", "PASS dump-flows counts the dropped packets", "PASS del-flows restores ICMP",
             "PASS ports survive a restart", "PASS flows survive a restart", "PASS ping across VXLAN between two switch daemons",
             "PASS ping to a Linux vxlan device", "PASS iperf3 -R with a Linux vxlan peer",
+            "PASS ping QEMU's user network through a dgram port", "PASS an 8 MB HTTP download from QEMU's user network through a dgram port",
+            "PASS an 8 MB TCP upload to QEMU's user network",
         ] {
             #expect(output.contains(name), "missing \(name) in:\n\(output.suffix(4000))")
         }
