@@ -159,10 +159,17 @@ int nimbus_unix_listen(const char *path, int backlog) {
 int nimbus_unix_dgram_bind(const char *path) {
     struct sockaddr_un address;
     if (unix_address(path, &address) != 0) return -1;
-    // A socket left behind by an earlier run is replaced; any other file at the path is an error.
+    // A socket left behind by an earlier run is replaced. A socket something still listens on
+    // (connecting to it does anything but fail with ECONNREFUSED) and any other file are errors.
     struct stat existing;
     if (lstat(path, &existing) == 0) {
         if (!S_ISSOCK(existing.st_mode)) { errno = EEXIST; return -1; }
+        int probe = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (probe < 0) return -1;
+        int rc = connect(probe, (struct sockaddr *)&address, sizeof address);
+        int stale = rc != 0 && errno == ECONNREFUSED;
+        close(probe);
+        if (!stale) { errno = EADDRINUSE; return -1; }
         unlink(path);
     }
     int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);

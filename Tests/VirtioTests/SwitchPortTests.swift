@@ -123,6 +123,29 @@ import Testing
         #expect(back == answer)
     }
 
+    @Test func aDatagramPortReplacesOnlyAStaleSocket() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("dgram-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let path = directory + "/port.sock"
+        var first: DatagramPort? = try DatagramPort(name: "a", ofport: 1, localPath: path, remotePath: directory + "/peer", vnetHeader: true)
+        // Someone is bound there: a second port must not take the path away.
+        #expect(throws: SystemError.self) {
+            _ = try DatagramPort(name: "b", ofport: 2, localPath: path, remotePath: directory + "/peer", vnetHeader: true)
+        }
+        #expect(first != nil)
+        first = nil
+        // Left behind by a closed socket (a daemon restart): replaced.
+        _ = try DatagramPort(name: "c", ofport: 3, localPath: path, remotePath: directory + "/peer", vnetHeader: true)
+        // Not a socket at all: refused.
+        let file = directory + "/file"
+        _ = FileManager.default.createFile(atPath: file, contents: Data("keep".utf8))
+        #expect(throws: SystemError.self) {
+            _ = try DatagramPort(name: "d", ofport: 4, localPath: file, remotePath: directory + "/peer", vnetHeader: true)
+        }
+        #expect(FileManager.default.contents(atPath: file) == Data("keep".utf8))
+    }
+
     @Test func datagramPortOptionsAreChecked() {
         #expect(DatagramPort.optionsProblem(["local_path": "/a", "remote_path": "/b"]) == nil)
         #expect(DatagramPort.optionsProblem(["local_path": "/a"])?.contains("remote_path") == true)

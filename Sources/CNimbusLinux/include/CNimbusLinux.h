@@ -159,8 +159,9 @@ int nimbus_unix_connect(const char *path, int nonblocking);
 /// Creates a non-blocking, close-on-exec Unix stream socket listening on `path`. Returns the fd
 /// or -1 with errno.
 int nimbus_unix_listen(const char *path, int backlog);
-/// A non-blocking AF_UNIX datagram socket bound to `path` (a stale socket there is replaced; any
-/// other file makes it fail with EEXIST), with 4 MiB buffers. -1 and errno on failure.
+/// A non-blocking AF_UNIX datagram socket bound to `path`, with 4 MiB buffers. A stale socket
+/// there (nothing bound to it) is replaced; a live one fails with EADDRINUSE, any other file with
+/// EEXIST. -1 and errno on failure.
 int nimbus_unix_dgram_bind(const char *path);
 /// Connects a datagram socket to `path`: its default destination and its only source. 0 or -1.
 int nimbus_unix_dgram_connect(int fd, const char *path);
