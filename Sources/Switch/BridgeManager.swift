@@ -2,6 +2,7 @@
 // and closes ports, turns Port.tag/trunks/vlan_mode into the NORMAL action's VLAN rules, and owns
 // each bridge's OpenFlow tables (a new bridge starts with `priority=0 actions=NORMAL`).
 // Runs on the control loop; datapaths are told through their control queues.
+import Glibc
 import LinuxSystem
 import Logging
 
@@ -9,7 +10,7 @@ public final class BridgeManager: @unchecked Sendable {
     // SAFETY (@unchecked): used only on the control event loop.
     let logger: Logger
     public private(set) var datapaths: [String: Datapath] = [:]
-    private var openPorts: [String: [String: (port: DatapathPort, type: String)]] = [:]
+    private var openPorts: [String: [String: (port: DatapathPort, type: String, options: [String: String])]] = [:]
     private var vlanConfigs: [String: [UInt32: VLANConfig]] = [:]
     public private(set) var tables: [String: FlowTables] = [:]
     /// Opens a port's I/O (replaceable in tests); nil: kernel interfaces, TAPs and VXLAN.
@@ -48,9 +49,22 @@ public final class BridgeManager: @unchecked Sendable {
             return try VXLANPort(name: port.name, ofport: ofport, remote: remote, vni: vni, socket: socket)
         case "dgram":
             if let problem = DatagramPort.optionsProblem(port.options) { throw SwitchError("\(port.name): \(problem)") }
-            return try DatagramPort(
-                name: port.name, ofport: ofport, localPath: port.options["local_path"] ?? "", remotePath: port.options["remote_path"] ?? "",
-                vnetHeader: port.options["vnet_hdr"] == "true")
+            // The port this one replaces (its options changed) holds the path until the datapath
+            // thread has dropped it, which takes a moment: a live socket there is waited for.
+            func open() throws(SystemError) -> DatagramPort {
+                try DatagramPort(
+                    name: port.name, ofport: ofport, localPath: port.options["local_path"] ?? "",
+                    remotePath: port.options["remote_path"] ?? "", vnetHeader: port.options["vnet_hdr"] == "true")
+            }
+            for _ in 0..<50 {
+                do {
+                    return try open()
+                } catch {
+                    guard error.errno == EADDRINUSE else { throw error }
+                }
+                Host.sleep(microseconds: 10_000)
+            }
+            return try open()
         default: throw SwitchError("ports of type \(port.type) are not supported by this datapath yet")
         }
     }
@@ -87,21 +101,24 @@ public final class BridgeManager: @unchecked Sendable {
             var current = openPorts[name] ?? [:]
             for (interface, open) in current {
                 let wanted = bridge.ports[interface]
+                // A port whose type or options changed (a VXLAN remote_ip, a dgram path) is opened anew.
                 if wanted == nil || wanted?.error != nil || wanted.map({ Self.datapathNumber($0.ofport) }) != open.port.ofport
-                    || wanted?.type != open.type
+                    || wanted?.type != open.type || wanted?.options != open.options
                 {
                     datapath.remove(ofport: open.port.ofport)
                     (open.port as? VXLANPort)?.detach()
                     current[interface] = nil
                 }
             }
+            // Let go of removed ports now: one reopened with new options may need what they hold.
+            openPorts[name] = current
             var vlans: [UInt32: VLANConfig] = [:]
             for (interface, port) in bridge.ports where port.error == nil && port.ofport > 0 {
                 if current[interface] == nil {
                     do {
                         let opened = try openPort?(port, name) ?? openKernelPort(port, bridge: name)
                         datapath.add(opened)
-                        current[interface] = (opened, port.type)
+                        current[interface] = (opened, port.type, port.options)
                     } catch {
                         failures[name, default: [:]][interface] = "could not open network device \(interface) (\(error))"
                         continue

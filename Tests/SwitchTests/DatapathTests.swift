@@ -3,6 +3,8 @@
 import Foundation
 import LinuxSystem
 import Logging
+import OVSDB
+import Synchronization
 import Testing
 
 @testable import Switch
@@ -174,5 +176,29 @@ enum Frames {
         #expect(burst.count == 200)
         #expect(burst.first == Frames.udp(from: 1, to: 2, vlan: 10, port: 1000))
         #expect(datapath.stats.upcalls < 210)
+    }
+}
+
+@Suite struct BridgeManagerTests {
+    @Test func aPortWhoseOptionsChangeIsOpenedAnew() throws {
+        let manager = BridgeManager(logger: Logger(label: "test"))
+        defer { manager.stopAll() }
+        let opened = Mutex<[String: [String: String]]>([:])
+        manager.openPort = { port, _ in
+            opened.withLock { $0[port.name] = port.options }
+            return try MemoryPort(name: port.name, ofport: UInt32(port.ofport))
+        }
+        func bridge(_ options: [String: String]) -> [String: SwitchBridge] {
+            let port = SwitchPort(name: "vx", type: "vxlan", ofport: 1, tag: nil, trunks: [], vlanMode: nil, options: options, error: nil)
+            return ["br0": SwitchBridge(name: "br0", uuid: RowUUID(high: 1, low: 2), ports: ["vx": port], controllers: [], datapathID: "1")]
+        }
+        #expect(manager.apply(bridge(["remote_ip": "192.0.2.1"])).isEmpty)
+        #expect(opened.withLock { $0["vx"] } == ["remote_ip": "192.0.2.1"])
+        // The same configuration again keeps the port; a new remote_ip reopens it.
+        opened.withLock { $0 = [:] }
+        _ = manager.apply(bridge(["remote_ip": "192.0.2.1"]))
+        #expect(opened.withLock { $0.isEmpty })
+        _ = manager.apply(bridge(["remote_ip": "192.0.2.9"]))
+        #expect(opened.withLock { $0["vx"] } == ["remote_ip": "192.0.2.9"])
     }
 }
