@@ -35,19 +35,30 @@ public struct VirtioNetHeader: Sendable, Equatable {
         self.checksumOffset = checksumOffset
     }
 
-    /// Reads the header from its 10-byte little-endian wire form at `offset` (nil if too short).
-    public init?(wire bytes: [UInt8], at offset: Int = 0) {
-        guard offset >= 0, bytes.count - offset >= Self.size else { return nil }
-        func le16(_ at: Int) -> UInt16 { UInt16(bytes[offset + at]) | UInt16(bytes[offset + at + 1]) << 8 }
+    /// Reads the header from the first 10 bytes of its little-endian wire form (nil if too short).
+    public init?<Bytes: RandomAccessCollection>(wire bytes: Bytes) where Bytes.Element == UInt8, Bytes.Index == Int {
+        guard bytes.count >= Self.size else { return nil }
+        let base = bytes.startIndex
+        func le16(_ at: Int) -> UInt16 { UInt16(bytes[base + at]) | UInt16(bytes[base + at + 1]) << 8 }
         self.init(
-            flags: bytes[offset], gsoType: bytes[offset + 1], headerLength: le16(2), gsoSize: le16(4), checksumStart: le16(6),
+            flags: bytes[base], gsoType: bytes[base + 1], headerLength: le16(2), gsoSize: le16(4), checksumStart: le16(6),
             checksumOffset: le16(8))
+    }
+
+    /// Writes the 10-byte little-endian wire form at `offset` (which must leave room for it).
+    public func store<Bytes: MutableCollection>(into bytes: inout Bytes, at offset: Int) where Bytes.Element == UInt8, Bytes.Index == Int {
+        bytes[offset] = flags
+        bytes[offset + 1] = gsoType
+        for (at, value) in [(2, headerLength), (4, gsoSize), (6, checksumStart), (8, checksumOffset)] {
+            bytes[offset + at] = UInt8(value & 0xFF)
+            bytes[offset + at + 1] = UInt8(value >> 8)
+        }
     }
 
     /// The 10-byte little-endian wire form.
     public var wire: [UInt8] {
-        var bytes = [flags, gsoType]
-        for value in [headerLength, gsoSize, checksumStart, checksumOffset] { bytes += [UInt8(value & 0xFF), UInt8(value >> 8)] }
+        var bytes = [UInt8](repeating: 0, count: Self.size)
+        store(into: &bytes, at: 0)
         return bytes
     }
 
@@ -272,22 +283,13 @@ public final class FrameBatch {
 
     private func readHeader(_ index: Int) -> VirtioNetHeader {
         let base = index * slotSize + starts[index] - VirtioNetHeader.size
-        func le16(_ offset: Int) -> UInt16 { UInt16(memory[base + offset]) | UInt16(memory[base + offset + 1]) << 8 }
-        return VirtioNetHeader(
-            flags: memory[base], gsoType: memory[base + 1], headerLength: le16(2), gsoSize: le16(4), checksumStart: le16(6),
-            checksumOffset: le16(8))
+        return VirtioNetHeader(wire: memory[base..<(base + VirtioNetHeader.size)]) ?? VirtioNetHeader()
     }
 
     /// Writes frame `index`'s header into the 10 bytes before it.
     fileprivate func writeHeader(_ index: Int) {
-        let base = index * slotSize + starts[index] - VirtioNetHeader.size
-        let header = headers[index]
-        memory[base] = header.flags
-        memory[base + 1] = header.gsoType
-        for (offset, value) in [(2, header.headerLength), (4, header.gsoSize), (6, header.checksumStart), (8, header.checksumOffset)] {
-            memory[base + offset] = UInt8(value & 0xFF)
-            memory[base + offset + 1] = UInt8(value >> 8)
-        }
+        var bytes = memory
+        headers[index].store(into: &bytes, at: index * slotSize + starts[index] - VirtioNetHeader.size)
     }
 
     fileprivate func descriptor(_ index: Int, headerBytes: Int) -> nimbus_frame {

@@ -5,6 +5,7 @@
 // whole. Frames the guest cannot take with offloads pending (it did not negotiate them) are
 // segmented and checksummed here first.
 import LinuxSystem
+import NIOCore
 import Synchronization
 import Virtio
 
@@ -13,7 +14,7 @@ final class FrameQueue: Sendable {
     typealias Item = (frame: [UInt8], header: VirtioNetHeader)
     let ready: EventFD
     let limit: Int
-    private let items = Mutex<[Item]>([])
+    private let items = Mutex(CircularBuffer<Item>(initialCapacity: 64))
 
     init(limit: Int) throws(SystemError) {
         self.limit = limit
@@ -48,9 +49,9 @@ final class FrameQueue: Sendable {
 
     private func take(_ max: Int) -> (taken: [Item], more: Bool) {
         items.withLock { items in
-            let count = min(max, items.count)
-            let taken = Array(items.prefix(count))
-            items.removeFirst(count)
+            var taken: [Item] = []
+            taken.reserveCapacity(min(max, items.count))
+            while taken.count < max, let item = items.popFirst() { taken.append(item) }
             return (taken, !items.isEmpty)
         }
     }
