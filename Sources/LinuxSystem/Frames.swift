@@ -68,12 +68,21 @@ public struct VirtioNetHeader: Sendable, Equatable {
 
 /// Copies between Swift arrays and the raw buffers that device code hands around.
 public enum RawBytes {
-    /// The bytes of `buffers`, in order, as one array.
-    public static func gather(_ buffers: [UnsafeRawBufferPointer]) -> [UInt8] {
+    /// Up to `count` bytes of `buffers`, in order, from byte `from` on, as one array.
+    public static func gather(_ buffers: [UnsafeRawBufferPointer], from: Int = 0, count: Int = .max) -> [UInt8] {
         var bytes: [UInt8] = []
-        bytes.reserveCapacity(buffers.reduce(0) { $0 + $1.count })
+        bytes.reserveCapacity(min(count, max(0, buffers.reduce(0) { $0 + $1.count } - from)))
+        var skip = max(0, from)
         // SAFETY: each buffer is a valid region for its count (the caller's contract); only read.
-        for buffer in buffers { bytes.append(contentsOf: buffer) }
+        for buffer in buffers where bytes.count < count {
+            if skip >= buffer.count {
+                skip -= buffer.count
+                continue
+            }
+            let taken = min(buffer.count - skip, count - bytes.count)
+            bytes.append(contentsOf: buffer[skip..<(skip + taken)])
+            skip = 0
+        }
         return bytes
     }
 

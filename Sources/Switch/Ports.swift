@@ -43,8 +43,9 @@ public final class DatagramPort: DatapathPort, @unchecked Sendable {
     let socket: FrameSocket
     private var connected = false
     private var lastAttempt: UInt64 = 0
-    /// Segments of the frames being sent (without virtio-net headers, offloads are done here).
-    private let scratch = FrameBatch(capacity: 256, frameCapacity: 9216)
+    /// Segments of the frames being sent (without virtio-net headers, offloads are done here);
+    /// made on first use, so a port with headers never has one.
+    private lazy var scratch = FrameBatch(capacity: 256, frameCapacity: 9216)
 
     public init(name: String, ofport: UInt32, localPath: String, remotePath: String, vnetHeader: Bool) throws(SystemError) {
         socket = try FrameSocket(unixDatagram: localPath, remotePath: remotePath, vnetHeader: vnetHeader)

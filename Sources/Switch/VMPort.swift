@@ -126,12 +126,14 @@ public final class VMPort: DatapathPort, Sendable {
 
         /// A frame from the guest: its 12-byte virtio-net header, then the frame.
         public func send(_ buffers: [UnsafeRawBufferPointer]) throws -> TransferResult {
-            let bytes = RawBytes.gather(buffers)
-            guard let header = VirtioNetHeader(wire: bytes), bytes.count >= VirtioNet.headerSize + 14 else {
-                throw SwitchError("a frame from the guest is \(bytes.count) bytes, shorter than a header and an Ethernet header")
+            // The header's 10 bytes of offload state, then the frame, each gathered once.
+            let header = VirtioNetHeader(wire: RawBytes.gather(buffers, count: VirtioNetHeader.size))
+            let frame = RawBytes.gather(buffers, from: VirtioNet.headerSize)
+            guard let header, frame.count >= 14 else {
+                let total = buffers.reduce(0) { $0 + $1.count }
+                throw SwitchError("a frame from the guest is \(total) bytes, shorter than a header and an Ethernet header")
             }
-            let frame = Array(bytes[VirtioNet.headerSize...])
-            return toSwitch.push([(frame, header)]) == 1 ? .done(bytes.count) : .wouldBlock
+            return toSwitch.push([(frame, header)]) == 1 ? .done(VirtioNet.headerSize + frame.count) : .wouldBlock
         }
 
         /// A frame for the guest, header first; `.wouldBlock` when none is waiting.

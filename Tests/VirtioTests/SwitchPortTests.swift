@@ -146,6 +146,22 @@ import Testing
         #expect(FileManager.default.contents(atPath: file) == Data("keep".utf8))
     }
 
+    @Test func gatherSkipsAndStopsAcrossBuffers() {
+        let parts: [[UInt8]] = [[0, 1, 2], [3, 4], [], [5, 6, 7, 8]]
+        func gather(from: Int, count: Int = .max) -> [UInt8] {
+            func nest(_ index: Int, _ done: [UnsafeRawBufferPointer]) -> [UInt8] {
+                guard index < parts.count else { return RawBytes.gather(done, from: from, count: count) }
+                return parts[index].withUnsafeBytes { nest(index + 1, done + [$0]) }
+            }
+            return nest(0, [])
+        }
+        #expect(gather(from: 0) == Array(0...8))
+        #expect(gather(from: 4) == [4, 5, 6, 7, 8])
+        #expect(gather(from: 2, count: 4) == [2, 3, 4, 5])
+        #expect(gather(from: 0, count: 3) == [0, 1, 2])
+        #expect(gather(from: 20).isEmpty)
+    }
+
     @Test func datagramPortOptionsAreChecked() {
         #expect(DatagramPort.optionsProblem(["local_path": "/a", "remote_path": "/b"]) == nil)
         #expect(DatagramPort.optionsProblem(["local_path": "/a"])?.contains("remote_path") == true)
