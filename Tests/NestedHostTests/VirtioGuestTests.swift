@@ -2,8 +2,9 @@
 // the nested test host, which mounts ext4 from virtio-blk (raw, then a qcow2 overlay), checks a
 // read-only drive, pings and sends a file over virtio-net on a TAP, talks vsock both ways through
 // Firecracker's Unix-socket protocol and reads /dev/hwrng. The host side checks what was written.
-// A last boot does the network case again with the interface on nimbus-vmm's in-process switch
-// (an `uplink` veth, no TAP).
+// Three last boots do the network case again with the interface on nimbus-vmm's in-process switch
+// and no TAP: its uplink is a veth, a VXLAN tunnel to a Linux vxlan device in another namespace,
+// and a Unix datagram socket to QEMU's -netdev dgram.
 import Foundation
 import Testing
 
@@ -34,7 +35,8 @@ struct VirtioGuestTests {
             "nimbus  HOST-NET-TCP-RECV-OK", "nimbus  VSOCK-G2H-OK", "nimbus  HOST-VSOCK-H2G-OK", "nimbus  HOST-BLK-WRITTEN-OK",
             "nimbus  HOST-BLK-FSCK-OK", "nimbus  HOST-BLK-RO-UNCHANGED-OK", "nimbus-qcow2 BLK-WRITE-OK", "nimbus-qcow2 HOST-QCOW2-CHECK-OK",
             "nimbus-qcow2 HOST-QCOW2-BASE-UNCHANGED-OK", "nimbus-qcow2 HOST-BLK-WRITTEN-OK", "nimbus-switch NET-PING-OK",
-            "nimbus-switch HOST-NET-TCP-RECV-OK",
+            "nimbus-switch HOST-NET-TCP-RECV-OK", "nimbus-vxlan NET-PING-OK", "nimbus-vxlan HOST-NET-TCP-RECV-OK",
+            "nimbus-dgram NET-PING-OK", "nimbus-dgram HOST-NET-TCP-RECV-OK",
         ] {
             #expect(summary.contains(marker), "missing \(marker) in:\n\(summary.suffix(4000))")
         }

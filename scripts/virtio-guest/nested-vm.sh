@@ -19,10 +19,17 @@
 # (appended to QEMU's virtio-net-device options, e.g. ",tx=timer"),
 # QEMU_VHOST_NET=on (QEMU's net data path in the kernel: needs the outer modules
 # vhost_iotlb vhost tap vhost_net; the default, off, matches nimbus-vmm's
-# user-space data path), NET_BACKEND=switch (nimbus-vmm only: the interface has
-# an `uplink` instead of a TAP, so its frames cross a switch bridge inside
-# nimbus-vmm to the veth end vmup, whose peer vmhost holds 172.30.0.1/24;
-# needs the outer module veth; tap0 is removed first so the subnet has one route).
+# user-space data path), NET_BACKEND (nimbus-vmm only, default tap):
+#   switch  the interface has an `uplink` instead of a TAP, so its frames cross a
+#           switch bridge inside nimbus-vmm to the veth end vmup, whose peer
+#           vmhost holds 172.30.0.1/24 (outer module veth)
+#   vxlan   the uplink is a VXLAN port (VNI 42) to a Linux vxlan device vx0 that
+#           holds 172.30.0.1/24 in the network namespace vxpeer, over the veth
+#           underlay vxu 192.168.77.2 / vxp 192.168.77.1 (outer modules veth
+#           udp_tunnel ip6_udp_tunnel vxlan); the listeners run in vxpeer
+#   dgram   the uplink is a Unix datagram port (no virtio-net header) to QEMU's
+#           -netdev dgram, on a QEMU hub with tap0 (QEMU runs no guest)
+# Only the current backend's interface holds 172.30.0.1 in this namespace.
 #
 # Host side of each case:
 #   blk    copies disk.ext4 to rw.ext4 and ro.ext4 (drives 1 and 2; drive 3 is
@@ -70,20 +77,46 @@ rm -rf "$W"
 mkdir -p "$W"
 
 NET_BACKEND=${NET_BACKEND:-tap}
-if [ "$NET_BACKEND" = switch ]; then
-    # The in-process switch's uplink: a veth pair, the host's address on the far end.
-    [ -e /sys/class/net/tap0 ] && $BIN/ip link del tap0
-    if [ ! -e /sys/class/net/vmup ]; then
-        $BIN/ip link add vmup type veth peer name vmhost &&
-            $BIN/ip addr add $HOST_IP/24 dev vmhost &&
-            $BIN/ip link set vmhost up || echo "nested-vm: cannot set up the veth pair vmup/vmhost"
-    fi
-# TAP (once per nested host); busybox ip has no tuntap: the copied iproute2.
-elif [ ! -e /sys/class/net/tap0 ]; then
-    $BIN/ip tuntap add dev tap0 mode tap &&
-        $BIN/ip addr add $HOST_IP/24 dev tap0 &&
-        $BIN/ip link set tap0 up || echo "nested-vm: cannot set up tap0"
-fi
+PEER="" # runs a host-side listener where the host address is (vxlan: in vxpeer)
+case $NET_BACKEND in
+    tap | switch | vxlan | dgram) ;;
+    *) echo "nested-vm: NET_BACKEND must be tap, switch, vxlan or dgram"; exit 2 ;;
+esac
+# One interface with the host address in this namespace: drop the other backends' ones.
+[ "$NET_BACKEND" != switch ] && [ -e /sys/class/net/vmup ] && $BIN/ip link del vmup
+case $NET_BACKEND in switch | vxlan) [ -e /sys/class/net/tap0 ] && $BIN/ip link del tap0 ;; esac
+case $NET_BACKEND in
+    switch)
+        # The in-process switch's uplink: a veth pair, the host's address on the far end.
+        if [ ! -e /sys/class/net/vmup ]; then
+            $BIN/ip link add vmup type veth peer name vmhost &&
+                $BIN/ip addr add $HOST_IP/24 dev vmhost &&
+                $BIN/ip link set vmhost up || echo "nested-vm: cannot set up the veth pair vmup/vmhost"
+        fi
+        ;;
+    vxlan)
+        # The underlay MTU leaves room for VXLAN's 50 bytes around a 1500-byte frame.
+        if [ ! -e /run/netns/vxpeer ]; then
+            $BIN/ip netns add vxpeer &&
+                $BIN/ip link add vxu mtu 9000 type veth peer name vxp mtu 9000 netns vxpeer &&
+                $BIN/ip addr add 192.168.77.2/24 dev vxu && $BIN/ip link set vxu up &&
+                $BIN/ip -n vxpeer link set lo up &&
+                $BIN/ip -n vxpeer addr add 192.168.77.1/24 dev vxp && $BIN/ip -n vxpeer link set vxp up &&
+                $BIN/ip -n vxpeer link add vx0 mtu 1500 type vxlan id 42 remote 192.168.77.2 local 192.168.77.1 dstport 4789 &&
+                $BIN/ip -n vxpeer addr add $HOST_IP/24 dev vx0 && $BIN/ip -n vxpeer link set vx0 up ||
+                echo "nested-vm: cannot set up the vxlan peer (namespace vxpeer)"
+        fi
+        PEER="$BIN/ip netns exec vxpeer"
+        ;;
+    *)
+        # TAP (once per nested host); busybox ip has no tuntap: the copied iproute2.
+        if [ ! -e /sys/class/net/tap0 ]; then
+            $BIN/ip tuntap add dev tap0 mode tap &&
+                $BIN/ip addr add $HOST_IP/24 dev tap0 &&
+                $BIN/ip link set tap0 up || echo "nested-vm: cannot set up tap0"
+        fi
+        ;;
+esac
 
 RW_FORMAT=${RW_FORMAT:-raw}
 cp $P/disk.ext4 "$W/ro.ext4"
@@ -110,7 +143,7 @@ fi
 # --- listeners
 PIDS=""
 if has net; then
-    $BIN/socat -u TCP-LISTEN:5001,bind=$HOST_IP,reuseaddr "OPEN:$W/net-recv.bin,creat,trunc" 2>"$W/net-listen.err" &
+    $PEER $BIN/socat -u TCP-LISTEN:5001,bind=$HOST_IP,reuseaddr "OPEN:$W/net-recv.bin,creat,trunc" 2>"$W/net-listen.err" &
     PIDS="$PIDS $!"
 fi
 case $vsock_mode in
@@ -118,9 +151,22 @@ case $vsock_mode in
     uds) $BIN/socat "UNIX-LISTEN:$W/v.sock_6000,fork" EXEC:cat 2>"$W/vsock-listen.err" & PIDS="$PIDS $!" ;;
 esac
 if has bench; then
-    $BIN/iperf3 -s -B $HOST_IP -p 5201 >"$W/iperf3-server.log" 2>&1 &
+    $PEER $BIN/iperf3 -s -B $HOST_IP -p 5201 >"$W/iperf3-server.log" 2>&1 &
     PIDS="$PIDS $!"
     [ -n "${IPERF_SERVER_NICE:-}" ] && renice -n "$IPERF_SERVER_NICE" -p $! >/dev/null
+fi
+
+if [ "$NET_BACKEND" = dgram ] && [ $need_net = 1 ]; then
+    # QEMU as the far end of the datagram uplink: its dgram netdev and tap0 on one hub.
+    qemu-system-x86_64 -machine none -accel kvm -nodefaults -display none -monitor none -serial none \
+        -netdev tap,id=t0,ifname=tap0,script=no,downscript=no \
+        -netdev "dgram,id=d0,local.type=unix,local.path=$W/qemu.sock,remote.type=unix,remote.path=$W/vm.sock" \
+        -netdev hubport,id=h0,hubid=0,netdev=t0 -netdev hubport,id=h1,hubid=0,netdev=d0 >"$W/qemu-hub.log" 2>&1 &
+    hub_pid=$!
+    PIDS="$PIDS $hub_pid"
+    n=0
+    while [ ! -S "$W/qemu.sock" ] && [ $n -lt 100 ]; do usleep 100000; n=$((n + 1)); done
+    [ -S "$W/qemu.sock" ] || echo "nested-vm: QEMU's dgram socket never appeared: $(cat "$W/qemu-hub.log")"
 fi
 
 vsock_wait=90
@@ -160,10 +206,14 @@ else
             has bench && { echo ','; drive scratch "$W/scratch.raw" false; }
             echo; echo '  ]'
         fi
-        if [ $need_net = 1 ] && [ "$NET_BACKEND" = switch ]; then
-            echo "  ,\"network-interfaces\": [{\"iface_id\": \"eth0\", \"uplink\": {\"type\": \"system\", \"name\": \"vmup\"}, \"guest_mac\": \"$MAC\"}]"
-        elif [ $need_net = 1 ]; then
-            echo "  ,\"network-interfaces\": [{\"iface_id\": \"eth0\", \"host_dev_name\": \"tap0\", \"guest_mac\": \"$MAC\"}]"
+        if [ $need_net = 1 ]; then
+            case $NET_BACKEND in
+                switch) link='"uplink": {"type": "system", "name": "vmup"}' ;;
+                vxlan) link='"uplink": {"type": "vxlan", "remote_ip": "192.168.77.1", "key": 42}' ;;
+                dgram) link="\"uplink\": {\"type\": \"dgram\", \"local_path\": \"$W/vm.sock\", \"remote_path\": \"$W/qemu.sock\", \"vnet_hdr\": false}" ;;
+                *) link='"host_dev_name": "tap0"' ;;
+            esac
+            echo "  ,\"network-interfaces\": [{\"iface_id\": \"eth0\", $link, \"guest_mac\": \"$MAC\"}]"
         fi
         [ $vsock_mode = uds ] && echo "  ,\"vsock\": {\"guest_cid\": $CID, \"uds_path\": \"$W/v.sock\"}"
         [ $need_rng = 1 ] && echo '  ,"entropy": {}'
@@ -209,14 +259,19 @@ if [ $vsock_mode != none ]; then
     fi
 fi
 wait $tee_pid
+if [ -n "${hub_pid:-}" ]; then
+    kill -0 "$hub_pid" 2>/dev/null || hfail "HOST-QEMU-HUB-FAIL QEMU (the dgram peer) exited early: $(cat "$W/qemu-hub.log")"
+    [ -s "$W/qemu-hub.log" ] && echo "nested-vm: QEMU hub log: $(cat "$W/qemu-hub.log")"
+fi
 end=$(cut -d' ' -f1 /proc/uptime)
 rc=$(sed -n 's/^VIRTIO-VMM-EXIT rc=//p' "$W/console.log" | tail -n 1)
 for p in $PIDS; do kill "$p" 2>/dev/null; done
 sleep 1
 
 # TAP counters: drops here mean the monitor did not keep up with host->guest traffic.
-[ -e /sys/class/net/vmhost ] && echo "HOST-VETH-STATS $(cat /sys/class/net/vmhost/statistics/rx_packets) rx_packets $(cat /sys/class/net/vmhost/statistics/tx_packets) tx_packets"
-[ "$NET_BACKEND" = tap ] && [ -e /sys/class/net/tap0 ] && echo "HOST-TAP-STATS $(tr '\n' ' ' </sys/class/net/tap0/statistics/tx_dropped 2>/dev/null)tx_dropped $(cat /sys/class/net/tap0/statistics/tx_packets) tx_packets $(cat /sys/class/net/tap0/statistics/rx_packets) rx_packets"
+[ "$NET_BACKEND" = vxlan ] && echo "HOST-VXLAN-STATS $($BIN/ip -n vxpeer -s link show vx0 | tr -s ' \n' ' ')"
+[ "$NET_BACKEND" = switch ] && [ -e /sys/class/net/vmhost ] && echo "HOST-VETH-STATS $(cat /sys/class/net/vmhost/statistics/rx_packets) rx_packets $(cat /sys/class/net/vmhost/statistics/tx_packets) tx_packets"
+case $NET_BACKEND in tap | dgram) [ -e /sys/class/net/tap0 ] && echo "HOST-TAP-STATS $(tr '\n' ' ' </sys/class/net/tap0/statistics/tx_dropped 2>/dev/null)tx_dropped $(cat /sys/class/net/tap0/statistics/tx_packets) tx_packets $(cat /sys/class/net/tap0/statistics/rx_packets) rx_packets" ;; esac
 
 # --- host-side checks
 if has blk && [ "$RW_FORMAT" = qcow2 ]; then
