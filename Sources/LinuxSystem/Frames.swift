@@ -10,10 +10,16 @@ import Glibc
 public struct VirtioNetHeader: Sendable, Equatable {
     public static let size = 10
     public static let needsChecksum: UInt8 = 1
+    /// The receiving device already checked the frame's checksum.
+    public static let dataValid: UInt8 = 2
     public static let gsoNone: UInt8 = 0
     public static let gsoTCPv4: UInt8 = 1
     public static let gsoUDP: UInt8 = 3
     public static let gsoTCPv6: UInt8 = 4
+    /// UDP segmentation (UDP_SEGMENT senders, QUIC): the payload is cut into `gsoSize` datagrams.
+    public static let gsoUDPL4: UInt8 = 5
+    /// Set on `gsoType` with a TCP type when the segments carry ECN's CWR flag as the sender's stack left it.
+    public static let gsoECN: UInt8 = 0x80
 
     public var flags: UInt8 = 0
     public var gsoType: UInt8 = 0
@@ -215,6 +221,24 @@ public final class FrameBatch {
             .copyMemory(from: UnsafeRawBufferPointer(rebasing: other.memory[from..<(from + lengths[target])]))
         count += 1
         return target
+    }
+
+    /// Appends bytes `offset...` of frame `otherIndex` of `other` to the end of frame `index` (the
+    /// payload of one datagram after another's); false, and nothing changed, if it would not fit.
+    @discardableResult
+    public func extend(_ index: Int, with other: FrameBatch, _ otherIndex: Int, from offset: Int) -> Bool {
+        let added = other.lengths[otherIndex] - offset
+        guard offset >= 0, added >= 0, lengths[index] + added <= frameCapacity, starts[index] + lengths[index] + added <= slotSize else {
+            return false
+        }
+        let to = index * slotSize + starts[index] + lengths[index]
+        let from = otherIndex * other.slotSize + other.starts[otherIndex] + offset
+        // SAFETY: the target range ends inside this frame's slot (checked above); the source range
+        // lies inside the other frame, whose length is bounded by its slot.
+        UnsafeMutableRawBufferPointer(rebasing: memory[to..<(to + added)])
+            .copyMemory(from: UnsafeRawBufferPointer(rebasing: other.memory[from..<(from + added)]))
+        lengths[index] += added
+        return true
     }
 
     /// Inserts `bytes` at `offset` (a VLAN tag after the MAC addresses, an encapsulation at 0) by
@@ -472,19 +496,20 @@ public final class FrameSocket {
 }
 
 extension TapDevice {
-    /// Writes frames to a TAP opened with 10-byte virtio-net headers; returns how many went.
+    /// Writes frames to a TAP opened with 10-byte virtio-net headers; returns how many went, and
+    /// the errno of the write that stopped it (0 if none did).
     @discardableResult
-    public static func send(_ tap: OwnedFileDescriptor, _ frames: [FrameRef]) -> Int {
+    public static func send(_ tap: OwnedFileDescriptor, _ frames: [FrameRef]) -> (sent: Int, error: Int32) {
         var sent = 0
         for frame in frames {
             let descriptor = frame.batch.descriptor(frame.index, headerBytes: VirtioNetHeader.size)
             guard let data = descriptor.data else { continue }
             // SAFETY: `data` points at `length` bytes inside the frame's slot.
             let n = Glibc.write(tap.rawValue, data, Int(descriptor.length))
-            if n < 0 { break }
+            if n < 0 { return (sent, errno) }
             sent += 1
         }
-        return sent
+        return (sent, 0)
     }
 }
 

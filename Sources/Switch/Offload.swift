@@ -17,10 +17,17 @@ func parseIPv4(_ text: String) -> UInt32? {
 
 /// Software versions of the offloads a TAP or packet socket would have done.
 enum Offload {
-    /// The frame as wire-ready frames: TSO super-frames split into segments, partial checksums completed.
+    /// The frame as wire-ready frames: TSO and UDP super-frames split into segments, partial
+    /// checksums completed (nothing for a UDP super-frame of more datagrams than a kernel makes).
     static func wireReady(_ frame: [UInt8], _ header: VirtioNetHeader) -> [[UInt8]] {
-        if header.gsoType == VirtioNetHeader.gsoTCPv4 || header.gsoType == VirtioNetHeader.gsoTCPv6, header.gsoSize > 0 {
-            if let segments = segmentTCP(frame, mss: Int(header.gsoSize)) { return segments }
+        if header.gsoSize > 0 {
+            let segments: [[UInt8]]?
+            switch header.gsoType & ~VirtioNetHeader.gsoECN {
+            case VirtioNetHeader.gsoTCPv4, VirtioNetHeader.gsoTCPv6: segments = segmentTCP(frame, mss: Int(header.gsoSize))
+            case VirtioNetHeader.gsoUDPL4: segments = segmentUDP(frame, size: Int(header.gsoSize))
+            default: segments = nil
+            }
+            if let segments { return segments }
         }
         if header.flags & VirtioNetHeader.needsChecksum != 0 {
             var copy = frame
@@ -119,9 +126,9 @@ enum Offload {
         frame[field + 1] = UInt8(checksum & 0xFF)
     }
 
-    /// Splits a TCP super-frame (IPv4 or IPv6, optionally VLAN-tagged) into segments of at most
-    /// `mss` payload bytes with their own lengths, IDs, sequence numbers and checksums.
-    static func segmentTCP(_ frame: [UInt8], mss: Int) -> [[UInt8]]? {
+    /// Where a frame's IP and transport headers start (after an optional VLAN tag), for IPv4
+    /// and IPv6 frames carrying `proto` with at least `transportBytes` of its header.
+    private static func layers(_ frame: [UInt8], proto: UInt8, transportBytes: Int) -> (l3: Int, l4: Int, isV4: Bool)? {
         var l3 = 14
         guard frame.count > 14 else { return nil }
         var type = UInt16(frame[12]) << 8 | UInt16(frame[13])
@@ -133,49 +140,81 @@ enum Offload {
         let isV4 = type == EtherType.ipv4
         guard isV4 || type == EtherType.ipv6, frame.count >= l3 + (isV4 ? 20 : 40) else { return nil }
         let ipLength = isV4 ? Int(frame[l3] & 0x0F) * 4 : 40
-        guard ipLength >= 20, frame[l3 + (isV4 ? 9 : 6)] == IPProtocol.tcp else { return nil }
-        let l4 = l3 + ipLength
-        guard frame.count >= l4 + 20 else { return nil }
+        guard ipLength >= 20, frame[l3 + (isV4 ? 9 : 6)] == proto, frame.count >= l3 + ipLength + transportBytes else { return nil }
+        return (l3, l3 + ipLength, isV4)
+    }
+
+    /// Splits a UDP super-frame (GSO_UDP_L4; IPv4 or IPv6, optionally VLAN-tagged) into datagrams
+    /// of at most `size` payload bytes, each with its own lengths, IPv4 ID and checksums.
+    static func segmentUDP(_ frame: [UInt8], size: Int) -> [[UInt8]]? {
+        guard let found = layers(frame, proto: IPProtocol.udp, transportBytes: 8), size > 0 else { return nil }
+        let payloadCount = frame.count - found.l4 - 8
+        if payloadCount <= size { return nil }
+        // More datagrams than the kernel's UDP_MAX_SEGMENTS: no sender's stack makes that; drop it.
+        guard (payloadCount + size - 1) / size <= 128 else { return [] }
+        return cut(frame, found, payloadStart: found.l4 + 8, size: size, proto: IPProtocol.udp) { segment, _, length, _ in
+            segment[found.l4 + 4] = UInt8((8 + length) >> 8)
+            segment[found.l4 + 5] = UInt8((8 + length) & 0xFF)
+        }
+    }
+
+    /// Splits a TCP super-frame (IPv4 or IPv6, optionally VLAN-tagged) into segments of at most
+    /// `mss` payload bytes with their own lengths, IDs, sequence numbers and checksums.
+    static func segmentTCP(_ frame: [UInt8], mss: Int) -> [[UInt8]]? {
+        guard let found = layers(frame, proto: IPProtocol.tcp, transportBytes: 20) else { return nil }
+        let l4 = found.l4
         let tcpLength = Int(frame[l4 + 12] >> 4) * 4
         let payloadStart = l4 + tcpLength
-        guard tcpLength >= 20, frame.count >= payloadStart, mss > 0 else { return nil }
-        let payload = frame[payloadStart...]
-        if payload.count <= mss { return nil }
+        guard tcpLength >= 20, frame.count >= payloadStart, mss > 0, frame.count - payloadStart > mss else { return nil }
         let sequence = UInt32(frame[l4 + 4]) << 24 | UInt32(frame[l4 + 5]) << 16 | UInt32(frame[l4 + 6]) << 8 | UInt32(frame[l4 + 7])
+        return cut(frame, found, payloadStart: payloadStart, size: mss, proto: IPProtocol.tcp) { segment, offset, length, number in
+            let seq = sequence &+ UInt32(offset)
+            for byte in 0..<4 { segment[l4 + 4 + byte] = UInt8(truncatingIfNeeded: seq >> (24 - 8 * byte)) }
+            var flags = segment[l4 + 13]
+            if offset + length < frame.count - payloadStart { flags &= ~(0x01 | 0x08) }  // FIN and PSH only on the last segment
+            if number > 0 { flags &= ~0x80 }  // CWR only on the first
+            segment[l4 + 13] = flags
+        }
+    }
+
+    /// Cuts the payload from `payloadStart` on into pieces of at most `size` bytes, each behind a
+    /// copy of the headers with its IP length, IPv4 ID and header checksum; `transport` fixes each
+    /// piece's transport header (given the piece's offset in the payload, its length and number)
+    /// before its checksum is computed.
+    private static func cut(
+        _ frame: [UInt8], _ found: (l3: Int, l4: Int, isV4: Bool), payloadStart: Int, size: Int, proto: UInt8,
+        transport: (inout [UInt8], _ offset: Int, _ length: Int, _ number: UInt16) -> Void
+    ) -> [[UInt8]] {
+        let (l3, l4, isV4) = found
+        let payload = frame[payloadStart...]
         let firstID = isV4 ? UInt16(frame[l3 + 4]) << 8 | UInt16(frame[l3 + 5]) : 0
+        let checksumAt = l4 + (proto == IPProtocol.udp ? 6 : 16)
         var segments: [[UInt8]] = []
         var offset = 0
         var number: UInt16 = 0
         while offset < payload.count {
-            let size = min(mss, payload.count - offset)
-            let last = offset + size == payload.count
-            var segment = Array(frame[0..<payloadStart]) + payload[(payload.startIndex + offset)..<(payload.startIndex + offset + size)]
+            let length = min(size, payload.count - offset)
+            var segment = Array(frame[0..<payloadStart]) + payload[(payload.startIndex + offset)..<(payload.startIndex + offset + length)]
             func put16(_ at: Int, _ value: UInt16) {
                 segment[at] = UInt8(value >> 8)
                 segment[at + 1] = UInt8(value & 0xFF)
             }
             if isV4 {
-                put16(l3 + 2, UInt16(ipLength + tcpLength + size))
+                put16(l3 + 2, UInt16(segment.count - l3))
                 put16(l3 + 4, firstID &+ number)
                 put16(l3 + 10, 0)
                 put16(l3 + 10, ~fold(sum(segment[l3..<l4])))
             } else {
-                put16(l3 + 4, UInt16(tcpLength + size))
+                put16(l3 + 4, UInt16(segment.count - l4))
             }
-            let seq = sequence &+ UInt32(offset)
-            put16(l4 + 4, UInt16(seq >> 16))
-            put16(l4 + 6, UInt16(seq & 0xFFFF))
-            var flags = segment[l4 + 13]
-            if !last { flags &= ~(0x01 | 0x08) }  // FIN and PSH only on the last segment
-            if number > 0 { flags &= ~0x80 }  // CWR only on the first
-            segment[l4 + 13] = flags
-            put16(l4 + 16, 0)
-            // Pseudo-header: addresses, protocol, TCP length.
+            transport(&segment, offset, length, number)
+            put16(checksumAt, 0)
             var pseudo: UInt32 = isV4 ? sum(segment[(l3 + 12)..<(l3 + 20)]) : sum(segment[(l3 + 8)..<(l3 + 40)])
-            pseudo &+= UInt32(IPProtocol.tcp) &+ UInt32(tcpLength + size)
-            put16(l4 + 16, ~fold(sum(segment[l4...], initial: pseudo)))
+            pseudo &+= UInt32(proto) &+ UInt32(segment.count - l4)
+            let checksum = ~fold(sum(segment[l4...], initial: pseudo))
+            put16(checksumAt, proto == IPProtocol.udp && checksum == 0 ? 0xFFFF : checksum)  // UDP: 0 means "none"
             segments.append(segment)
-            offset += size
+            offset += length
             number &+= 1
         }
         return segments

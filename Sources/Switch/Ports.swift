@@ -15,6 +15,7 @@ public final class SystemPort: DatapathPort, @unchecked Sendable {
     public let name: String
     public let counters = PortCounters()
     let socket: FrameSocket
+    private let coalescer = UDPCoalescer()
 
     public init(name: String, ofport: UInt32) throws(SystemError) {
         try NetworkInterface.setUp(name)
@@ -25,7 +26,12 @@ public final class SystemPort: DatapathPort, @unchecked Sendable {
 
     public var pollDescriptor: Int32 { socket.descriptor.rawValue }
     public func receive(into batch: FrameBatch) -> Int { (try? batch.receive(from: socket)) ?? 0 }
-    public func send(_ frames: [FrameRef]) -> Int { socket.send(frames) }
+    public func send(_ frames: [FrameRef]) -> Int {
+        coalescer.send(frames) { [socket] outgoing in
+            let sent = socket.send(outgoing)
+            return (sent, socket.lastSendError)
+        }
+    }
 }
 
 /// A `dgram` port: frames as Unix datagrams to and from another program, typically a VM monitor
@@ -153,6 +159,7 @@ public final class TapPort: DatapathPort, @unchecked Sendable {
     public let name: String
     public let counters = PortCounters()
     let descriptor: OwnedFileDescriptor
+    private let coalescer = UDPCoalescer()
 
     public init(name: String, ofport: UInt32) throws(SystemError) {
         descriptor = try TapDevice.open(name, vnetHeaderSize: Int32(VirtioNetHeader.size))
@@ -164,7 +171,7 @@ public final class TapPort: DatapathPort, @unchecked Sendable {
 
     public var pollDescriptor: Int32 { descriptor.rawValue }
     public func receive(into batch: FrameBatch) -> Int { (try? batch.receive(fromTap: descriptor)) ?? 0 }
-    public func send(_ frames: [FrameRef]) -> Int { TapDevice.send(descriptor, frames) }
+    public func send(_ frames: [FrameRef]) -> Int { coalescer.send(frames) { [descriptor] in TapDevice.send(descriptor, $0) } }
 }
 
 /// An in-process port: frames sent to it queue up for its owner, and its owner injects frames.

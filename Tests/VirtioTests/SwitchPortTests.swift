@@ -200,6 +200,28 @@ import Testing
         #expect(segments.allSatisfy { $0.count == 12 + 54 + 1000 && $0.prefix(12).allSatisfy { $0 == 0 } })
     }
 
+    @Test func udpSuperFramesReachAGuestAsDatagrams() throws {
+        // virtio-net has no USO feature here: a guest that takes TSO still gets UDP_SEGMENT
+        // super-frames cut into datagrams.
+        let port = try VMPort(name: "vm3", ofport: 1)
+        try port.backend.guestAccepts(checksum: true, tso4: true, tso6: true)
+        var frame = Self.mac(2) + Self.mac(1) + [0x08, 0x00]
+        let udpLength = 8 + 2500
+        frame += [0x45, 0, UInt8((20 + udpLength) >> 8), UInt8((20 + udpLength) & 0xFF), 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]
+        frame += [0x30, 0x39, 0x01, 0xBB, UInt8(udpLength >> 8), UInt8(udpLength & 0xFF), 0, 0]
+        frame += [UInt8](repeating: 0x5A, count: 2500)
+        let header = VirtioNetHeader(
+            flags: VirtioNetHeader.needsChecksum, gsoType: VirtioNetHeader.gsoUDPL4, headerLength: 42, gsoSize: 1200, checksumStart: 34,
+            checksumOffset: 6)
+        let batch = FrameBatch(capacity: 1)
+        #expect(batch.append(frame, header: header))
+        #expect(port.send([FrameRef(batch, 0)]) == 1)
+        var buffer = [UInt8](repeating: 0, count: 70_000)
+        var sizes: [Int] = []
+        while case .done(let n) = try buffer.withUnsafeMutableBytes({ try port.backend.receive(into: $0) }) { sizes.append(n) }
+        #expect(sizes == [12 + 42 + 1200, 12 + 42 + 1200, 12 + 42 + 100])
+    }
+
     @Test func aFullQueueDropsInsteadOfGrowing() throws {
         let port = try VMPort(name: "vm2", ofport: 1)
         let batch = FrameBatch(capacity: 1)
