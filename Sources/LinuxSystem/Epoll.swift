@@ -43,15 +43,39 @@ public final class Epoll: Sendable {
         _ = nimbus_epoll_ctl(descriptor.rawValue, NIMBUS_EPOLL_CTL_DEL, fd, 0, 0)
     }
 
+    /// Space for the events of one wait, kept by a caller that waits in a loop: `wait(into:)`
+    /// allocates nothing.
+    public struct Events {
+        public fileprivate(set) var count = 0
+        fileprivate var tokens: [UInt64]
+        fileprivate var masks: [UInt32]
+
+        public init(capacity: Int = 64) {
+            tokens = [UInt64](repeating: 0, count: Swift.max(1, capacity))
+            masks = [UInt32](repeating: 0, count: Swift.max(1, capacity))
+        }
+
+        public subscript(_ index: Int) -> Event { Event(token: tokens[index], mask: masks[index]) }
+    }
+
+    /// Waits up to `timeoutMilliseconds` (-1: forever) for events, into `events`; returns how many.
+    @discardableResult
+    public func wait(into events: inout Events, timeoutMilliseconds: Int32 = -1) throws(SystemError) -> Int {
+        let capacity = Int32(events.tokens.count)
+        events.count = 0
+        let n = try retryingSyscall("epoll_wait") {
+            // SAFETY: both arrays hold `capacity` elements and the shim writes at most that many.
+            nimbus_epoll_wait(descriptor.rawValue, &events.tokens, &events.masks, capacity, timeoutMilliseconds)
+        }
+        events.count = Int(n)
+        return events.count
+    }
+
     /// Waits up to `timeoutMilliseconds` (-1: forever) for events.
     public func wait(timeoutMilliseconds: Int32 = -1, max: Int = 64) throws(SystemError) -> [Event] {
-        var tokens = [UInt64](repeating: 0, count: max)
-        var masks = [UInt32](repeating: 0, count: max)
-        let n = try retryingSyscall("epoll_wait") {
-            // SAFETY: both arrays hold `max` elements and the shim writes at most `max`.
-            nimbus_epoll_wait(descriptor.rawValue, &tokens, &masks, Int32(max), timeoutMilliseconds)
-        }
-        return (0..<Int(n)).map { Event(token: tokens[$0], mask: masks[$0]) }
+        var events = Events(capacity: max)
+        try wait(into: &events, timeoutMilliseconds: timeoutMilliseconds)
+        return (0..<events.count).map { events[$0] }
     }
 }
 

@@ -15,16 +15,21 @@ final class UDPCoalescer {
     /// space); the port then sends every datagram as it came.
     private(set) var enabled = true
     private lazy var scratch = FrameBatch(capacity: 16, frameCapacity: Self.maxFrame)
+    // Kept between calls so that a send allocates nothing: the frames to send, and for each the
+    // index in the caller's frames of its first datagram and how many datagrams it carries.
+    private var outgoing: [FrameRef] = []
+    private var firsts: [Int] = []
+    private var spans: [Int] = []
 
     /// Sends `frames` through `transmit`, which returns how many of the frames it was given went
     /// and the errno that stopped it (0 if none). Returns how many of `frames` went: a prefix.
     func send(_ frames: [FrameRef], transmit: ([FrameRef]) -> (sent: Int, error: Int32)) -> Int {
-        guard enabled, frames.count > 1 else { return transmit(frames).sent }
-        var outgoing: [FrameRef] = []
-        // For each outgoing frame: the index in `frames` of its first datagram, and how many it carries.
-        var firsts: [Int] = []
-        var spans: [Int] = []
-        outgoing.reserveCapacity(frames.count)
+        guard enabled, frames.count > 1, (0..<(frames.count - 1)).contains(where: { runLength(frames, from: $0) > 1 }) else {
+            return transmit(frames).sent
+        }
+        outgoing.removeAll(keepingCapacity: true)
+        firsts.removeAll(keepingCapacity: true)
+        spans.removeAll(keepingCapacity: true)
         scratch.reset()
         var next = 0
         while next < frames.count {
@@ -53,7 +58,7 @@ final class UDPCoalescer {
     /// How many frames from `start` on form one run: IPv4 UDP datagrams of one flow with equal
     /// payloads (the last may be shorter), within the segment and size limits.
     private func runLength(_ frames: [FrameRef], from start: Int) -> Int {
-        guard let size = Self.payloadLength(frames[start]) else { return 1 }
+        guard start + 1 < frames.count, let size = Self.payloadLength(frames[start]) else { return 1 }
         var end = start + 1
         var total = 42 + size
         while end < frames.count, end - start < Self.maxSegments {

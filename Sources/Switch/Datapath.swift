@@ -79,6 +79,9 @@ public final class Datapath: @unchecked Sendable {
         public var upcalls: UInt64 = 0
         public var megaflowMasks = 0
         public var cachedFlows = 0
+        /// Ports no longer polled: their descriptor kept reporting an error or hang-up with
+        /// nothing to read (a TAP whose device was deleted, say with its namespace).
+        public var deadPorts = 0
     }
 
     public init(name: String, logger: Logger) throws(SystemError) {
@@ -137,32 +140,42 @@ public final class Datapath: @unchecked Sendable {
         var lastAging = Host.monotonicNanoseconds()
         var lastTraffic: UInt64 = 0
         var local = DatapathStats()
+        var events = Epoll.Events(capacity: 64)
         while true {
             if applyControl() { break }
             // After traffic, poll without sleeping for a short while: a frame often follows
             // within microseconds, and a sleep and wake-up costs more than that.
-            var events = (try? epoll.wait(timeoutMilliseconds: 0, max: 64)) ?? []
-            if events.isEmpty, Host.monotonicNanoseconds() &- lastTraffic < Self.busyPollNanoseconds {
+            var ready = (try? epoll.wait(into: &events, timeoutMilliseconds: 0)) ?? 0
+            if ready == 0, Host.monotonicNanoseconds() &- lastTraffic < Self.busyPollNanoseconds {
                 var spins = 0
-                while events.isEmpty, spins < 64 {
-                    events = (try? epoll.wait(timeoutMilliseconds: 0, max: 64)) ?? []
+                while ready == 0, spins < 64 {
+                    ready = (try? epoll.wait(into: &events, timeoutMilliseconds: 0)) ?? 0
                     spins += 1
                 }
             }
-            if events.isEmpty { events = (try? epoll.wait(timeoutMilliseconds: 1000, max: 64)) ?? [] }
-            if !events.isEmpty { lastTraffic = Host.monotonicNanoseconds() }
+            if ready == 0 { ready = (try? epoll.wait(into: &events, timeoutMilliseconds: 1000)) ?? 0 }
+            if ready > 0 { lastTraffic = Host.monotonicNanoseconds() }
             let now = Host.monotonicNanoseconds()
-            for event in events where event.token != UInt64.max {
-                guard let port = ports[UInt32(truncatingIfNeeded: event.token)] else { continue }
+            var woken = false
+            for index in 0..<ready {
+                let token = events[index].token
+                if token == UInt64.max {
+                    woken = true
+                    continue
+                }
+                guard let port = ports[UInt32(truncatingIfNeeded: token)] else { continue }
+                var total = 0
                 for _ in 0..<8 {
                     input.reset()
                     let received = port.receive(into: input)
                     guard received > 0 else { break }
+                    total += received
                     process(input, from: port, now: now, stats: &local)
                     if received < input.capacity { break }
                 }
+                if total == 0, events[index].hangup { noteFailing(port, now: now, stats: &local) }
             }
-            if events.contains(where: { $0.token == UInt64.max }) { _ = try? wake.wait() }
+            if woken { _ = try? wake.wait() }
             if now &- lastAging > 1_000_000_000 {
                 lastAging = now
                 macs.expire(now: now)
@@ -174,6 +187,27 @@ public final class Datapath: @unchecked Sendable {
         }
         for port in ports.values { epoll.remove(port.pollDescriptor) }
         ports.removeAll()
+    }
+
+    /// Descriptors that reported an error or hang-up with nothing to read: how often, since when.
+    private var failing: [Int32: (count: Int, since: UInt64)] = [:]
+
+    /// A descriptor whose error or hang-up does not go away (a detached TAP stays "readable" with
+    /// EPOLLERR forever) would keep this thread spinning: after 1,000 such wake-ups within a
+    /// second it is no longer polled. A one-time error (an interface set down) never gets there.
+    private func noteFailing(_ port: DatapathPort, now: UInt64, stats: inout DatapathStats) {
+        let fd = port.pollDescriptor
+        var entry = failing[fd] ?? (0, now)
+        if now &- entry.since > 1_000_000_000 { entry = (0, now) }
+        entry.count += 1
+        guard entry.count >= 1000 else {
+            failing[fd] = entry
+            return
+        }
+        failing[fd] = nil
+        epoll.remove(fd)
+        stats.deadPorts += 1
+        logger.warning("bridge \(name): port \(port.name) keeps reporting an error with nothing to read (its device is gone?); no longer polled")
     }
 
     /// Applies pending control requests; true when the thread should stop.

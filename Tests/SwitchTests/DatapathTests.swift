@@ -177,6 +177,48 @@ enum Frames {
         #expect(burst.first == Frames.udp(from: 1, to: 2, vlan: 10, port: 1000))
         #expect(datapath.stats.upcalls < 210)
     }
+
+    /// A port whose descriptor hangs up for good: the read end of a pipe whose writer is closed.
+    final class HungUpPort: DatapathPort, @unchecked Sendable {
+        let ofport: UInt32 = 7
+        let name = "gone"
+        let counters = PortCounters()
+        let pollDescriptor: Int32
+
+        init() {
+            var ends: [Int32] = [-1, -1]
+            _ = pipe(&ends)
+            close(ends[1])
+            pollDescriptor = ends[0]
+        }
+
+        deinit { close(pollDescriptor) }
+        func receive(into batch: FrameBatch) -> Int { 0 }
+        func send(_ frames: [FrameRef]) -> Int { 0 }
+    }
+
+    @Test func aPortThatKeepsHangingUpIsNoLongerPolled() throws {
+        // Before, such a port (a TAP deleted with its namespace) kept the thread spinning at 100 %.
+        let datapath = try Datapath(name: "hup", logger: Logger(label: "test"))
+        let port = HungUpPort()
+        let live = try MemoryPort(name: "live", ofport: 1)
+        let other = try MemoryPort(name: "other", ofport: 2)
+        datapath.add(port)
+        datapath.add(live)
+        datapath.add(other)
+        datapath.configure(PipelineConfig(ports: [1: VLANConfig(), 2: VLANConfig(), 7: VLANConfig()], tables: FlowTables.normalOnly().snapshot()))
+        try datapath.start()
+        defer { datapath.stop() }
+        var dead = 0
+        for _ in 0..<80 where dead == 0 {
+            Thread.sleep(forTimeInterval: 0.05)
+            dead = datapath.stats.deadPorts
+        }
+        #expect(dead == 1)
+        // The other ports still forward.
+        live.inject(Frames.udp(from: 1, to: 2))
+        #expect(waitFor(other) == [Frames.udp(from: 1, to: 2)])
+    }
 }
 
 @Suite struct BridgeManagerTests {
