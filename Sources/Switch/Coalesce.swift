@@ -24,17 +24,15 @@ final class UDPCoalescer {
     /// Sends `frames` through `transmit`, which returns how many of the frames it was given went
     /// and the errno that stopped it (0 if none). Returns how many of `frames` went: a prefix.
     func send(_ frames: [FrameRef], transmit: ([FrameRef]) -> (sent: Int, error: Int32)) -> Int {
-        guard enabled, frames.count > 1, (0..<(frames.count - 1)).contains(where: { runLength(frames, from: $0) > 1 }) else {
-            return transmit(frames).sent
-        }
+        guard enabled, frames.count > 1 else { return transmit(frames).sent }
         outgoing.removeAll(keepingCapacity: true)
         firsts.removeAll(keepingCapacity: true)
         spans.removeAll(keepingCapacity: true)
         scratch.reset()
         var next = 0
         while next < frames.count {
-            let run = runLength(frames, from: next)
-            if run > 1, let merged = merge(frames[next..<(next + run)]) {
+            let (run, size) = runLength(frames, from: next)
+            if run > 1, let merged = merge(frames[next..<(next + run)], size: size) {
                 outgoing.append(merged)
                 spans.append(run)
             } else {
@@ -55,10 +53,10 @@ final class UDPCoalescer {
         return delivered
     }
 
-    /// How many frames from `start` on form one run: IPv4 UDP datagrams of one flow with equal
-    /// payloads (the last may be shorter), within the segment and size limits.
-    private func runLength(_ frames: [FrameRef], from start: Int) -> Int {
-        guard start + 1 < frames.count, let size = Self.payloadLength(frames[start]) else { return 1 }
+    /// How many frames from `start` on form one run (IPv4 UDP datagrams of one flow with equal
+    /// payloads, the last may be shorter, within the segment and size limits), and that payload size.
+    private func runLength(_ frames: [FrameRef], from start: Int) -> (count: Int, size: Int) {
+        guard start + 1 < frames.count, let size = Self.payloadLength(frames[start]) else { return (1, 0) }
         var end = start + 1
         var total = 42 + size
         while end < frames.count, end - start < Self.maxSegments {
@@ -69,7 +67,7 @@ final class UDPCoalescer {
             end += 1
             if next < size { break }
         }
-        return end - start
+        return (end - start, size)
     }
 
     /// The payload length of an untagged IPv4 UDP datagram that may join a run: no IP options or
@@ -103,11 +101,10 @@ final class UDPCoalescer {
         return true
     }
 
-    /// One super-frame carrying the run's payloads in order, in the scratch batch; nil if it has no room.
-    private func merge(_ run: ArraySlice<FrameRef>) -> FrameRef? {
-        guard let first = run.first, let size = Self.payloadLength(first),
-            let index = scratch.appendCopy(of: first.index, from: first.batch)
-        else { return nil }
+    /// One super-frame carrying the run's payloads (`size` bytes each, the last may be shorter) in
+    /// order, in the scratch batch; nil if it has no room.
+    private func merge(_ run: ArraySlice<FrameRef>, size: Int) -> FrameRef? {
+        guard let first = run.first, let index = scratch.appendCopy(of: first.index, from: first.batch) else { return nil }
         for frame in run.dropFirst() where !scratch.extend(index, with: frame.batch, frame.index, from: 42) { return nil }
         let udpLength = scratch.length(index) - 34
         scratch.setU16(index, 16, UInt16(20 + udpLength))
