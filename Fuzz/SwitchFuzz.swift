@@ -61,6 +61,9 @@ public func fuzzSwitch(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
         Offload.repairOffloads(batch, 0)
         let mss = bytes.count > 2 ? Int(bytes[0]) * 8 + 1 : 1
         _ = Offload.segmentTCP(bytes, mss: mss)
+        _ = Offload.segmentUDP(bytes, size: mss)
+        // The frame twice in a row: a run of one flow, if it is a datagram that may join one.
+        _ = UDPCoalescer().send([FrameRef(batch, 0), FrameRef(batch, 0)]) { ($0.count, 0) }
         var copy = bytes
         Offload.completeChecksum(&copy, start: Int(bytes.first ?? 0), offset: Int(bytes.last ?? 0))
     }

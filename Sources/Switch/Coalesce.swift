@@ -86,8 +86,7 @@ final class UDPCoalescer {
             guard header.checksumStart == 34, header.checksumOffset == 6 else { return nil }
         } else if header.flags & VirtioNetHeader.dataValid == 0, batch.u16(index, 40) != 0 {
             // A complete checksum is merged away: only a correct one may be.
-            var pseudo: UInt32 = UInt32(IPProtocol.udp) &+ UInt32(length - 34)
-            for offset in stride(from: 26, to: 34, by: 2) { pseudo &+= UInt32(batch.u16(index, offset)) }
+            let pseudo = Offload.pseudoHeaderSum(batch, index, l3: 14, isV4: true, proto: IPProtocol.udp, length: length - 34)
             guard Offload.fold(Offload.sum(batch.bytes(index, 34..<length)[...], initial: pseudo)) == 0xFFFF else { return nil }
         }
         return length - 42
@@ -112,9 +111,7 @@ final class UDPCoalescer {
         scratch.setU16(index, 24, ~Offload.fold(Offload.sum(scratch.bytes(index, 14..<34)[...])))
         scratch.setU16(index, 38, UInt16(udpLength))
         // The checksum field holds the pseudo-header sum; the kernel completes each datagram's.
-        var pseudo: UInt32 = UInt32(IPProtocol.udp) &+ UInt32(udpLength)
-        for offset in stride(from: 26, to: 34, by: 2) { pseudo &+= UInt32(scratch.u16(index, offset)) }
-        scratch.setU16(index, 40, Offload.fold(pseudo))
+        scratch.setU16(index, 40, Offload.fold(Offload.pseudoHeaderSum(scratch, index, l3: 14, isV4: true, proto: IPProtocol.udp, length: udpLength)))
         scratch.headers[index] = VirtioNetHeader(
             flags: VirtioNetHeader.needsChecksum, gsoType: VirtioNetHeader.gsoUDPL4, headerLength: 42, gsoSize: UInt16(size),
             checksumStart: 34, checksumOffset: 6)

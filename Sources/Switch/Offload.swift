@@ -50,15 +50,12 @@ enum Offload {
         }
         let l4: Int
         let proto: UInt8
-        var pseudo: UInt32 = 0
         if type == EtherType.ipv4 {
             l4 = l3 + Int(batch.byte(index, l3) & 0x0F) * 4
             proto = batch.byte(index, l3 + 9)
-            for offset in stride(from: l3 + 12, to: l3 + 20, by: 2) { pseudo &+= UInt32(batch.u16(index, offset)) }
         } else if type == EtherType.ipv6 {
             l4 = l3 + 40
             proto = batch.byte(index, l3 + 6)
-            for offset in stride(from: l3 + 8, to: l3 + 40, by: 2) { pseudo &+= UInt32(batch.u16(index, offset)) }
         } else {
             return
         }
@@ -69,7 +66,7 @@ enum Offload {
         default: return
         }
         guard length >= l4 + checksumOffset + 2 else { return }
-        pseudo &+= UInt32(proto) &+ UInt32(length - l4)
+        let pseudo = pseudoHeaderSum(batch, index, l3: l3, isV4: type == EtherType.ipv4, proto: proto, length: length - l4)
         let field = batch.u16(index, l4 + checksumOffset)
         // A TCP frame larger than a wire frame is a TSO super-frame that reached us unsegmented;
         // hand it on as one, segmented for the 1450-byte MTU VXLAN overlays use, with its
@@ -96,6 +93,15 @@ enum Offload {
         header.checksumStart = UInt16(l4)
         header.checksumOffset = UInt16(checksumOffset)
         batch.headers[index] = header
+    }
+
+    /// The one's-complement sum of the IPv4 or IPv6 pseudo-header (addresses, protocol, length)
+    /// of a `length`-byte transport segment in frame `index`, whose IP header starts at `l3`.
+    static func pseudoHeaderSum(_ batch: FrameBatch, _ index: Int, l3: Int, isV4: Bool, proto: UInt8, length: Int) -> UInt32 {
+        var total = UInt32(proto) &+ UInt32(length)
+        let addresses = isV4 ? (l3 + 12)..<(l3 + 20) : (l3 + 8)..<(l3 + 40)
+        for offset in stride(from: addresses.lowerBound, to: addresses.upperBound, by: 2) { total &+= UInt32(batch.u16(index, offset)) }
+        return total
     }
 
     /// One's-complement sum of 16-bit words.
