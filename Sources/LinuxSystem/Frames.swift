@@ -161,7 +161,11 @@ public final class FrameBatch {
     }
 
     public func u16(_ index: Int, _ offset: Int) -> UInt16 {
-        UInt16(byte(index, offset)) << 8 | UInt16(byte(index, offset + 1))
+        guard offset >= 0, offset + 2 <= lengths[index] else {
+            return UInt16(byte(index, offset)) << 8 | UInt16(byte(index, offset + 1))
+        }
+        let at = index * slotSize + starts[index] + offset
+        return UInt16(memory[at]) << 8 | UInt16(memory[at + 1])
     }
 
     public func u32(_ index: Int, _ offset: Int) -> UInt32 {
@@ -187,6 +191,19 @@ public final class FrameBatch {
         let clamped = range.clamped(to: 0..<lengths[index])
         let base = index * slotSize + starts[index]
         return Array(memory[(base + clamped.lowerBound)..<(base + clamped.upperBound)])
+    }
+
+    /// Whether bytes `range` of frame `index` equal the same bytes of frame `otherIndex` of `other`;
+    /// false when either frame is shorter than the range.
+    public func equalBytes(_ index: Int, _ range: Range<Int>, _ other: FrameBatch, _ otherIndex: Int) -> Bool {
+        guard range.lowerBound >= 0, range.upperBound <= lengths[index], range.upperBound <= other.lengths[otherIndex] else { return false }
+        let mine = index * slotSize + starts[index] + range.lowerBound
+        let theirs = otherIndex * other.slotSize + other.starts[otherIndex] + range.lowerBound
+        // SAFETY: both ranges lie inside their frames (checked above), which lie inside their slots.
+        let a = UnsafeRawBufferPointer(rebasing: memory[mine..<(mine + range.count)])
+        let b = UnsafeRawBufferPointer(rebasing: other.memory[theirs..<(theirs + range.count)])
+        guard let pa = a.baseAddress, let pb = b.baseAddress else { return range.isEmpty }
+        return memcmp(pa, pb, range.count) == 0
     }
 
     /// Appends a frame with these bytes; false if the batch is full or the frame too large.

@@ -92,12 +92,11 @@ final class UDPCoalescer {
         return length - 42
     }
 
-    /// Same Ethernet header, TOS, DF, TTL, addresses and ports.
+    /// Same Ethernet header, TOS, DF, TTL, addresses and ports (bytes 14, the version and header
+    /// length, were checked by `payloadLength`).
     static func sameFlow(_ a: FrameRef, _ b: FrameRef) -> Bool {
-        for range in [0..<14, 15..<16, 20..<24, 26..<38] {
-            for offset in range where a.batch.byte(a.index, offset) != b.batch.byte(b.index, offset) { return false }
-        }
-        return true
+        a.batch.equalBytes(a.index, 26..<38, b.batch, b.index) && a.batch.equalBytes(a.index, 0..<16, b.batch, b.index)
+            && a.batch.equalBytes(a.index, 20..<24, b.batch, b.index)
     }
 
     /// One super-frame carrying the run's payloads (`size` bytes each, the last may be shorter) in

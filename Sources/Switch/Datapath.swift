@@ -57,6 +57,10 @@ public final class Datapath: @unchecked Sendable {
     @exclusivity(unchecked) private var config = PipelineConfig()
     private let macs = MACTable()
     @exclusivity(unchecked) private var exact: [FlowKey: FlowPlan] = [:]
+    /// The last flow looked up, in front of `exact`: the frames of a batch mostly share one flow,
+    /// and comparing keys is cheaper than hashing one. Emptied with the caches.
+    @exclusivity(unchecked) private var lastKey = FlowKey()
+    @exclusivity(unchecked) private var lastPlan: FlowPlan?
     @exclusivity(unchecked) private var megaflows: [(mask: FlowKey, flows: [FlowKey: FlowPlan])] = []
     @exclusivity(unchecked) private var cachedGeneration: UInt64 = 0
     private let input = FrameBatch(capacity: 32)
@@ -270,6 +274,7 @@ public final class Datapath: @unchecked Sendable {
     }
 
     private func flushCaches() {
+        lastPlan = nil
         exact.removeAll(keepingCapacity: true)
         megaflows.removeAll(keepingCapacity: true)
         cachedFlowCount = 0
@@ -278,8 +283,13 @@ public final class Datapath: @unchecked Sendable {
 
     private func lookup(_ key: FlowKey, now: UInt64, stats: inout DatapathStats) -> FlowPlan {
         if macs.generation != cachedGeneration { flushCaches() }
+        if let plan = lastPlan, lastKey == key {
+            stats.exactHits &+= 1
+            return plan
+        }
         if let plan = exact[key] {
             stats.exactHits &+= 1
+            (lastKey, lastPlan) = (key, plan)
             return plan
         }
         for subtable in megaflows {
@@ -287,6 +297,7 @@ public final class Datapath: @unchecked Sendable {
                 stats.megaflowHits &+= 1
                 if exact.count > 16384 { exact.removeAll(keepingCapacity: true) }
                 exact[key] = plan
+                (lastKey, lastPlan) = (key, plan)
                 return plan
             }
         }
@@ -307,6 +318,7 @@ public final class Datapath: @unchecked Sendable {
             megaflows.append((plan.mask, [masked: plan]))
         }
         exact[key] = plan
+        (lastKey, lastPlan) = (key, plan)
         return plan
     }
 
@@ -345,7 +357,16 @@ public final class Datapath: @unchecked Sendable {
         for output in outputs {
             if output.edits.isEmpty {
                 enqueue(output, FrameRef(batch, index), key: key)
-            } else if let copy = copies.appendCopy(of: index, from: batch) {
+            } else {
+                var copy = copies.appendCopy(of: index, from: batch)
+                if copy == nil {
+                    // Every copy is queued (a burst flooded to many ports with edits): send what is
+                    // queued, in order, and reuse the copies.
+                    flushQueues()
+                    copies.reset()
+                    copy = copies.appendCopy(of: index, from: batch)
+                }
+                guard let copy else { continue }
                 applyEdits(output.edits, copies, copy)
                 enqueue(output, FrameRef(copies, copy), key: key)
             }

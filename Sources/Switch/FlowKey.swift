@@ -12,6 +12,15 @@ public struct FlowKey: Hashable, Sendable {
     public static func & (a: FlowKey, b: FlowKey) -> FlowKey { FlowKey(words: a.words & b.words) }
     public static func | (a: FlowKey, b: FlowKey) -> FlowKey { FlowKey(words: a.words | b.words) }
 
+    /// Equal when every word is: one XOR and OR over the words, with no early exit, which the
+    /// compiler turns into a few vector instructions (the synthesized == compares word by word).
+    public static func == (a: FlowKey, b: FlowKey) -> Bool {
+        let difference = a.words ^ b.words
+        var any: UInt64 = 0
+        for index in 0..<16 { any |= difference[index] }
+        return any == 0
+    }
+
     // MARK: fields (word, shift, width)
 
     @inline(__always) func get(_ word: Int, _ shift: UInt64, _ width: UInt64) -> UInt64 {

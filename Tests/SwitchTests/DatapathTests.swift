@@ -178,6 +178,27 @@ enum Frames {
         #expect(datapath.stats.upcalls < 210)
     }
 
+    @Test func aBurstFloodedToManyTrunksReachesEveryOne() throws {
+        // 32 broadcasts from an access port in one batch, each flooded to four trunks with a tag
+        // pushed: 128 edited copies, more than one round of copies holds. None may be lost.
+        let datapath = try Datapath(name: "flood", logger: Logger(label: "test"))
+        let access = try MemoryPort(name: "a", ofport: 1)
+        let trunks = try (2...5).map { try MemoryPort(name: "t\($0)", ofport: UInt32($0)) }
+        datapath.add(access)
+        for trunk in trunks { datapath.add(trunk) }
+        var vlans: [UInt32: VLANConfig] = [1: VLANConfig(tag: 10)]
+        for ofport in 2...5 { vlans[UInt32(ofport)] = VLANConfig() }
+        datapath.configure(PipelineConfig(ports: vlans, tables: FlowTables.normalOnly().snapshot()))
+        for index in 0..<32 { access.inject(Frames.udp(from: 1, to: 2, dstMAC: Frames.broadcast, port: UInt16(index))) }
+        try datapath.start()
+        defer { datapath.stop() }
+        for trunk in trunks {
+            let frames = waitFor(trunk, count: 32)
+            #expect(frames.count == 32, "port \(trunk.name)")
+            #expect(frames.last == Frames.udp(from: 1, to: 2, dstMAC: Frames.broadcast, vlan: 10, port: 31))
+        }
+    }
+
     /// A port whose descriptor hangs up for good: the read end of a pipe whose writer is closed.
     final class HungUpPort: DatapathPort, @unchecked Sendable {
         let ofport: UInt32 = 7

@@ -177,6 +177,38 @@ import Testing
         #expect(shapes == [42 + 100, 92, 92, 92, 42 + 50 + 20, 92])
     }
 
+    @Test(arguments: [0, 5, 11, 12, 15, 20, 22, 29, 33, 35, 37])
+    func eachFlowFieldBreaksARun(offset: Int) {
+        // Two datagrams that differ in one byte of the Ethernet header, TOS, flags, TTL,
+        // addresses or ports stay two; differing only in the IP ID, they merge.
+        var other = Self.datagram(Self.payload(50, 1), id: 2)
+        other.0[offset] ^= 0x01
+        let (_, frames) = Self.batch([Self.datagram(Self.payload(50, 0)), other, Self.datagram(Self.payload(50, 2), id: 3)])
+        var shapes: [Int] = []
+        _ = UDPCoalescer().send(frames) { outgoing in
+            shapes = outgoing.map { $0.batch.length($0.index) }
+            return (outgoing.count, 0)
+        }
+        #expect(shapes == [92, 92, 92])
+        let (_, same) = Self.batch([Self.datagram(Self.payload(50, 0)), Self.datagram(Self.payload(50, 1), id: 2)])
+        _ = UDPCoalescer().send(same) { outgoing in
+            shapes = outgoing.map { $0.batch.length($0.index) }
+            return (outgoing.count, 0)
+        }
+        #expect(shapes == [42 + 100])
+    }
+
+    @Test func byteComparisonsStayInsideBothFrames() {
+        let batch = FrameBatch(capacity: 2)
+        batch.append([1, 2, 3, 4, 5, 6])
+        batch.append([1, 2, 3, 4])
+        #expect(batch.equalBytes(0, 0..<4, batch, 1))
+        #expect(!batch.equalBytes(0, 0..<5, batch, 1), "past the end of the shorter frame")
+        #expect(!batch.equalBytes(0, -1..<2, batch, 1))
+        #expect(batch.equalBytes(0, 2..<2, batch, 1))
+        #expect(batch.u16(0, 4) == 0x0506 && batch.u16(0, 5) == 0x0600 && batch.u16(0, -1) == 0x0001)
+    }
+
     @Test func aKernelThatRefusesSuperFramesGetsTheDatagrams() {
         let (_, frames) = Self.batch((0..<5).map { Self.datagram(Self.payload(30, UInt8($0))) })
         let coalescer = UDPCoalescer()
