@@ -199,6 +199,33 @@ enum Frames {
         }
     }
 
+    @Test func aNewFlowTableAppliesToTheFlowJustForwarded() throws {
+        // The last flow's plan is kept in front of the caches; a table change must drop it too.
+        let datapath = try Datapath(name: "retable", logger: Logger(label: "test"))
+        let one = try MemoryPort(name: "one", ofport: 1)
+        let two = try MemoryPort(name: "two", ofport: 2)
+        datapath.add(one)
+        datapath.add(two)
+        let ports: [UInt32: VLANConfig] = [1: VLANConfig(), 2: VLANConfig()]
+        datapath.configure(PipelineConfig(ports: ports, tables: FlowTables.normalOnly().snapshot()))
+        try datapath.start()
+        defer { datapath.stop() }
+        let frame = Frames.udp(from: 1, to: 2)
+        one.inject(frame)
+        #expect(waitFor(two) == [frame])
+        var dropAll = FlowTables()
+        dropAll.add(FlowEntry(table: 0, priority: 100, value: FlowKey(), mask: FlowKey(), instructions: [], created: 0))
+        datapath.configure(PipelineConfig(ports: ports, tables: dropAll.snapshot()))
+        Thread.sleep(forTimeInterval: 0.1)
+        one.inject(frame)
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(two.take().isEmpty, "dropped by the new table")
+        datapath.configure(PipelineConfig(ports: ports, tables: FlowTables.normalOnly().snapshot()))
+        Thread.sleep(forTimeInterval: 0.1)
+        one.inject(frame)
+        #expect(waitFor(two) == [frame])
+    }
+
     /// A port whose descriptor hangs up for good: the read end of a pipe whose writer is closed.
     final class HungUpPort: DatapathPort, @unchecked Sendable {
         let ofport: UInt32 = 7
