@@ -507,7 +507,7 @@ final class ServerCore {
                 TunnelAuth.visitorProof(secretKey: proxy.config.secretKey, sessionNonce: connection.challenge.nonce, stream: stream.id))
         else {
             logger.warning("stcp visitor from \(connection.address) refused: unknown proxy \(request.proxy) or wrong secret key")
-            stream.reset("stcp: unknown proxy or wrong secret key")
+            stream.refuse("stcp: unknown proxy or wrong secret key")
             return
         }
         guard let ownerSession = proxy.owner.session, ownerSession.isOpen else {

@@ -169,6 +169,13 @@ final class MuxStream {
         endpoint?.abort()
     }
 
+    /// Refuses a stream the peer opened (an stcp visitor without the right key): resets it and
+    /// counts it against the peer, which is cut off if it keeps opening streams that are refused.
+    func refuse(_ reason: String) {
+        reset(reason)
+        session.openRefused()
+    }
+
     /// The session went away.
     func sessionLost() {
         guard !isClosed else { return }
@@ -246,6 +253,11 @@ final class MuxSession: ChannelInboundHandler {
     /// Streams the peer may have open at once; more are reset.
     var maxPeerStreams = 1024
     private var peerStreams = 0
+    /// Stream opens refused (over `maxPeerStreams`, or by the delegate) that cut the peer off
+    /// when passed within 10 s: a flood of opens then costs the other sessions nothing.
+    static let maxRefusedOpens = 256
+    private var refusedOpens = 0
+    private var refusedSince = NIODeadline.now()
     /// Heartbeat: PING every `pingInterval`, close if nothing is heard for `idleTimeout`.
     var pingInterval: TimeAmount?
     var idleTimeout: TimeAmount?
@@ -352,6 +364,7 @@ final class MuxSession: ChannelInboundHandler {
         let stream = MuxStream(id: id, session: self)
         guard peerStreams < maxPeerStreams else {
             send(.reset, stream: id, payload: ByteBuffer(string: "too many streams"))
+            openRefused()
             return
         }
         streams[id] = stream
@@ -434,6 +447,22 @@ final class MuxSession: ChannelInboundHandler {
 
     func close() {
         context?.close(promise: nil)
+    }
+
+    /// Counts a stream open that was refused; past `maxRefusedOpens` within 10 s the session is
+    /// closed.
+    func openRefused() {
+        let now = NIODeadline.now()
+        if now - refusedSince > .seconds(10) {
+            refusedSince = now
+            refusedOpens = 0
+        }
+        refusedOpens += 1
+        guard refusedOpens > Self.maxRefusedOpens, isOpen else { return }
+        logger.warning(
+            "cutting off the peer: more than \(Self.maxRefusedOpens) stream opens refused within 10 s",
+            metadata: ["peer": "\(remoteAddress.map { "\($0)" } ?? "?")"])
+        close()
     }
 
     private func deflate(_ chunk: ByteBuffer) -> ByteBuffer? {

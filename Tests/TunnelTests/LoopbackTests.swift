@@ -51,6 +51,23 @@ enum Harness {
         return proxy
     }
 
+    /// An stcp proxy for the service on `local`, reachable with `key`.
+    static func stcp(_ name: String, local: Int, key: String) -> ProxyConfig {
+        var proxy = ProxyConfig(name: name, type: .stcp)
+        proxy.localPort = local
+        proxy.secretKey = key
+        return proxy
+    }
+
+    /// A visitor of the stcp proxy `proxy` with `key`, on a free local port.
+    static func visitor(_ name: String, of proxy: String, key: String) throws -> VisitorConfig {
+        var visitor = VisitorConfig(name: name)
+        visitor.serverName = proxy
+        visitor.secretKey = key
+        visitor.bindPort = try freePort()
+        return visitor
+    }
+
     static func randomData(_ count: Int) -> [UInt8] {
         var generator = SystemRandomNumberGenerator()
         var out = [UInt8](repeating: 0, count: count)
@@ -228,24 +245,50 @@ enum Harness {
         let echo = try TestService.echo()
         defer { echo.stop() }
         let server = try await Harness.server()
-        var secret = ProxyConfig(name: "secret-echo", type: .stcp)
-        secret.localPort = echo.port
-        secret.secretKey = "opensesame"
-        let owner = try await Harness.client(server, proxies: [secret])
-        var good = VisitorConfig(name: "v1")
-        good.serverName = "secret-echo"
-        good.secretKey = "opensesame"
-        good.bindPort = try freePort()
-        var bad = VisitorConfig(name: "v2")
-        bad.serverName = "secret-echo"
-        bad.secretKey = "guess"
-        bad.bindPort = try freePort()
+        let owner = try await Harness.client(server, proxies: [Harness.stcp("secret-echo", local: echo.port, key: "opensesame")])
+        let good = try Harness.visitor("v1", of: "secret-echo", key: "opensesame")
+        let bad = try Harness.visitor("v2", of: "secret-echo", key: "guess")
         let visitor = try await Harness.client(server, visitors: [good, bad])
         try await Task.sleep(for: .milliseconds(200))
         #expect(try Harness.echoRoundTrip(port: good.bindPort, Harness.randomData(1 << 20)))
         let refused = try TestSocket.connect(port: bad.bindPort)
         try refused.send("hello")
         #expect(try refused.receiveAll().isEmpty)
+        await visitor.stop()
+        await owner.stop()
+        await server.stop()
+    }
+
+    @Test func aFloodOfRefusedStreamOpensCutsTheClientOffAlone() async throws {
+        let echo = try TestService.echo()
+        defer { echo.stop() }
+        let server = try await Harness.server()
+        let remote = try freePort()
+        let owner = try await Harness.client(
+            server, proxies: [Harness.stcp("secret-echo", local: echo.port, key: "opensesame"), Harness.tcp("echo", local: echo.port, remote: remote)])
+        let bad = try Harness.visitor("guesser", of: "secret-echo", key: "guess")
+        let visitor = try await Harness.client(server, visitors: [bad])
+        func visitorAddress() async throws -> String? {
+            try await server.status().clients.first { $0.proxies.isEmpty }?.address
+        }
+        let before = try #require(try await visitorAddress())
+        // Each connection to the visitor opens a stream the server refuses; past the limit the
+        // server closes the visitor's whole session.
+        for _ in 0...MuxSession.maxRefusedOpens {
+            let socket = try TestSocket.connect(port: bad.bindPort)
+            try socket.send("guess")
+            #expect(try socket.receiveAll().isEmpty)
+        }
+        var after: String?
+        for _ in 0..<100 {
+            after = try await visitorAddress()
+            if let after, after != before { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(after != nil && after != before, "the visitor was cut off and came back with a new session")
+        // The owner, on the same server, never noticed.
+        #expect(try Harness.echoRoundTrip(port: remote, Harness.randomData(100_000)))
+        #expect(try await owner.isConnected())
         await visitor.stop()
         await owner.stop()
         await server.stop()
