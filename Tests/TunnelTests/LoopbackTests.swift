@@ -276,8 +276,9 @@ enum Harness {
         // server closes the visitor's whole session.
         for _ in 0...MuxSession.maxRefusedOpens {
             let socket = try TestSocket.connect(port: bad.bindPort)
-            try socket.send("guess")
-            #expect(try socket.receiveAll().isEmpty)
+            try? socket.send("guess")
+            // Closed on us; a reset is fine too (the visitor did not read what was sent).
+            #expect(((try? socket.receiveAll()) ?? []).isEmpty)
         }
         var after: String?
         for _ in 0..<100 {
