@@ -287,9 +287,15 @@ public final class Datapath: @unchecked Sendable {
             stats.exactHits &+= 1
             return plan
         }
+        let plan = cachedOrPlanned(key, now: now, stats: &stats)
+        (lastKey, lastPlan) = (key, plan)
+        return plan
+    }
+
+    /// The plan from the exact-match table, else a megaflow, else a pipeline run (then cached).
+    private func cachedOrPlanned(_ key: FlowKey, now: UInt64, stats: inout DatapathStats) -> FlowPlan {
         if let plan = exact[key] {
             stats.exactHits &+= 1
-            (lastKey, lastPlan) = (key, plan)
             return plan
         }
         for subtable in megaflows {
@@ -297,7 +303,6 @@ public final class Datapath: @unchecked Sendable {
                 stats.megaflowHits &+= 1
                 if exact.count > 16384 { exact.removeAll(keepingCapacity: true) }
                 exact[key] = plan
-                (lastKey, lastPlan) = (key, plan)
                 return plan
             }
         }
@@ -318,7 +323,6 @@ public final class Datapath: @unchecked Sendable {
             megaflows.append((plan.mask, [masked: plan]))
         }
         exact[key] = plan
-        (lastKey, lastPlan) = (key, plan)
         return plan
     }
 

@@ -149,18 +149,20 @@ enum Frames {
         return frames
     }
 
+    /// A datapath over `ports` with these VLAN settings and NORMAL only, its thread started.
+    func started(_ name: String, _ ports: [any DatapathPort], vlans: [UInt32: VLANConfig]) throws -> Datapath {
+        let datapath = try Datapath(name: name, logger: Logger(label: "test"))
+        for port in ports { datapath.add(port) }
+        datapath.configure(PipelineConfig(ports: vlans, tables: FlowTables.normalOnly().snapshot()))
+        try datapath.start()
+        return datapath
+    }
+
     @Test func forwardsLearnsAndRetagsBetweenMemoryPorts() throws {
-        let datapath = try Datapath(name: "test", logger: Logger(label: "test"))
         let access = try MemoryPort(name: "a", ofport: 1)
         let other = try MemoryPort(name: "b", ofport: 2)
         let trunk = try MemoryPort(name: "t", ofport: 3)
-        datapath.add(access)
-        datapath.add(other)
-        datapath.add(trunk)
-        datapath.configure(
-            PipelineConfig(
-                ports: [1: VLANConfig(tag: 10), 2: VLANConfig(tag: 20), 3: VLANConfig()], tables: FlowTables.normalOnly().snapshot()))
-        try datapath.start()
+        let datapath = try started("test", [access, other, trunk], vlans: [1: VLANConfig(tag: 10), 2: VLANConfig(tag: 20), 3: VLANConfig()])
         defer { datapath.stop() }
         access.inject(Frames.udp(from: 1, to: 2))
         // Only the trunk gets it, tagged with VLAN 10; the VLAN 20 port gets nothing.
@@ -181,16 +183,13 @@ enum Frames {
     @Test func aBurstFloodedToManyTrunksReachesEveryOne() throws {
         // 32 broadcasts from an access port in one batch, each flooded to four trunks with a tag
         // pushed: 128 edited copies, more than one round of copies holds. None may be lost.
-        let datapath = try Datapath(name: "flood", logger: Logger(label: "test"))
         let access = try MemoryPort(name: "a", ofport: 1)
         let trunks = try (2...5).map { try MemoryPort(name: "t\($0)", ofport: UInt32($0)) }
-        datapath.add(access)
-        for trunk in trunks { datapath.add(trunk) }
         var vlans: [UInt32: VLANConfig] = [1: VLANConfig(tag: 10)]
         for ofport in 2...5 { vlans[UInt32(ofport)] = VLANConfig() }
-        datapath.configure(PipelineConfig(ports: vlans, tables: FlowTables.normalOnly().snapshot()))
+        // Queued before the thread starts, so that it reads all 32 in one batch.
         for index in 0..<32 { access.inject(Frames.udp(from: 1, to: 2, dstMAC: Frames.broadcast, port: UInt16(index))) }
-        try datapath.start()
+        let datapath = try started("flood", [access] + trunks, vlans: vlans)
         defer { datapath.stop() }
         for trunk in trunks {
             let frames = waitFor(trunk, count: 32)
@@ -201,14 +200,10 @@ enum Frames {
 
     @Test func aNewFlowTableAppliesToTheFlowJustForwarded() throws {
         // The last flow's plan is kept in front of the caches; a table change must drop it too.
-        let datapath = try Datapath(name: "retable", logger: Logger(label: "test"))
         let one = try MemoryPort(name: "one", ofport: 1)
         let two = try MemoryPort(name: "two", ofport: 2)
-        datapath.add(one)
-        datapath.add(two)
         let ports: [UInt32: VLANConfig] = [1: VLANConfig(), 2: VLANConfig()]
-        datapath.configure(PipelineConfig(ports: ports, tables: FlowTables.normalOnly().snapshot()))
-        try datapath.start()
+        let datapath = try started("retable", [one, two], vlans: ports)
         defer { datapath.stop() }
         let frame = Frames.udp(from: 1, to: 2)
         one.inject(frame)
@@ -247,15 +242,10 @@ enum Frames {
 
     @Test func aPortThatKeepsHangingUpIsNoLongerPolled() throws {
         // Before, such a port (a TAP deleted with its namespace) kept the thread spinning at 100 %.
-        let datapath = try Datapath(name: "hup", logger: Logger(label: "test"))
         let port = HungUpPort()
         let live = try MemoryPort(name: "live", ofport: 1)
         let other = try MemoryPort(name: "other", ofport: 2)
-        datapath.add(port)
-        datapath.add(live)
-        datapath.add(other)
-        datapath.configure(PipelineConfig(ports: [1: VLANConfig(), 2: VLANConfig(), 7: VLANConfig()], tables: FlowTables.normalOnly().snapshot()))
-        try datapath.start()
+        let datapath = try started("hup", [port, live, other], vlans: [1: VLANConfig(), 2: VLANConfig(), 7: VLANConfig()])
         defer { datapath.stop() }
         var dead = 0
         for _ in 0..<80 where dead == 0 {
