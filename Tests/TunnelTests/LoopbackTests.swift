@@ -252,8 +252,9 @@ enum Harness {
         try await Task.sleep(for: .milliseconds(200))
         #expect(try Harness.echoRoundTrip(port: good.bindPort, Harness.randomData(1 << 20)))
         let refused = try TestSocket.connect(port: bad.bindPort)
-        try refused.send("hello")
-        #expect(try refused.receiveAll().isEmpty)
+        try? refused.send("hello")
+        // Closed on us; a reset is fine too (the visitor did not read what was sent).
+        #expect(((try? refused.receiveAll()) ?? []).isEmpty)
         await visitor.stop()
         await owner.stop()
         await server.stop()
