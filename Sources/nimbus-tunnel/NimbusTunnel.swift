@@ -14,9 +14,9 @@ struct NimbusTunnel: AsyncParsableCommand {
         commandName: "nimbus-tunnel",
         abstract: "Expose services behind NAT through a public server (an frp-compatible tunnel).",
         discussion: """
-            The server (frps.toml) listens for clients on bindPort and for users on each proxy's port or on the
-            shared vhost ports. The client (frpc.toml) dials out to the server, logs in with a challenge-response
-            over auth.token, and forwards each user connection to its local service over one multiplexed,
+            The server (frps.toml) listens for clients on bindPort and for users on each proxy's port or on the \
+            shared vhost ports. The client (frpc.toml) dials out to the server, logs in with a challenge-response \
+            over auth.token, and forwards each user connection to its local service over one multiplexed, \
             optionally TLS-protected connection. Configuration keys are frp's; unsupported ones are named in errors.
             """,
         version: nimbusTunnelVersion,
