@@ -12,7 +12,13 @@ public final class BridgeManager: @unchecked Sendable {
     public private(set) var datapaths: [String: Datapath] = [:]
     private var openPorts: [String: [String: (port: DatapathPort, type: String, options: [String: String])]] = [:]
     private var vlanConfigs: [String: [UInt32: VLANConfig]] = [:]
+    /// The Interface.mtu_request last applied to each kernel device: bridge → interface → MTU.
+    private var appliedMTU: [String: [String: Int]] = [:]
+    /// Sets a kernel device's MTU (replaceable in tests).
+    public var setMTU: (String, Int) throws -> Void = { name, mtu in try NetworkInterface.setMTU(name, mtu) }
     public private(set) var tables: [String: FlowTables] = [:]
+    /// Each bridge's table-miss counters (OpenFlow table statistics).
+    public private(set) var misses: [String: TableMisses] = [:]
     /// Opens a port's I/O (replaceable in tests); nil: kernel interfaces, TAPs and VXLAN.
     public var openPort: ((SwitchPort, String) throws -> DatapathPort)?
     /// Called when a bridge is created or removed (the OpenFlow layer adds or drops its socket).
@@ -78,7 +84,9 @@ public final class BridgeManager: @unchecked Sendable {
             datapaths[name] = nil
             openPorts[name] = nil
             vlanConfigs[name] = nil
+            appliedMTU[name] = nil
             tables[name] = nil
+            misses[name] = nil
             logger.info("bridge \(name) removed")
         }
         for (name, bridge) in bridges {
@@ -96,6 +104,7 @@ public final class BridgeManager: @unchecked Sendable {
                 }
                 datapaths[name] = datapath
                 tables[name] = initialTables?(name) ?? FlowTables.normalOnly()
+                misses[name] = TableMisses()
                 logger.info("bridge \(name) created")
             }
             var current = openPorts[name] ?? [:]
@@ -108,6 +117,7 @@ public final class BridgeManager: @unchecked Sendable {
                     datapath.remove(ofport: open.port.ofport)
                     (open.port as? VXLANPort)?.detach()
                     current[interface] = nil
+                    appliedMTU[name]?[interface] = nil  // a device opened anew may be a new device
                 }
             }
             // Let go of removed ports now: one reopened with new options may need what they hold.
@@ -124,6 +134,7 @@ public final class BridgeManager: @unchecked Sendable {
                         continue
                     }
                 }
+                applyMTU(port, bridge: name)
                 vlans[Self.datapathNumber(port.ofport)] = VLANConfig(
                     tag: port.tag.map { UInt16($0) }, trunks: Set(port.trunks.map { UInt16($0) }), mode: port.vlanMode)
             }
@@ -135,10 +146,29 @@ public final class BridgeManager: @unchecked Sendable {
         return failures
     }
 
+    /// Sets a kernel device's MTU to its Interface.mtu_request once per new value, as
+    /// ovs-vswitchd does; a refusal is logged and the port keeps working with the MTU it has.
+    private func applyMTU(_ port: SwitchPort, bridge: String) {
+        guard ["", "system", "internal", "tap"].contains(port.type) else { return }
+        guard let mtu = port.mtuRequest else {
+            appliedMTU[bridge]?[port.name] = nil
+            return
+        }
+        guard appliedMTU[bridge]?[port.name] != mtu else { return }
+        appliedMTU[bridge, default: [:]][port.name] = mtu
+        do {
+            try setMTU(port.name, mtu)
+            logger.info("\(port.name): MTU set to \(mtu)")
+        } catch {
+            logger.warning("\(port.name): cannot set the MTU to \(mtu): \(error)")
+        }
+    }
+
     /// Sends a bridge's current ports and tables to its datapath.
     public func push(_ bridge: String) {
         guard let datapath = datapaths[bridge] else { return }
-        datapath.configure(PipelineConfig(ports: vlanConfigs[bridge] ?? [:], tables: tables[bridge]?.snapshot() ?? [:]))
+        datapath.configure(
+            PipelineConfig(ports: vlanConfigs[bridge] ?? [:], tables: tables[bridge]?.snapshot() ?? [:], misses: misses[bridge]))
     }
 
     /// Changes a bridge's flow tables and pushes them.

@@ -351,6 +351,7 @@ public final class Datapath: @unchecked Sendable {
     private func execute(_ plan: FlowPlan, batch: FrameBatch, index: Int, key: FlowKey, now: UInt64, stats: inout DatapathStats) {
         let length = UInt64(batch.length(index))
         for rule in plan.rules { rule.counters.count(packets: 1, bytes: length, now: now) }
+        plan.missed?.count(packets: 1, bytes: length, now: now)
         let outputs = plan.outputs
         if outputs.count == 1 {
             let output = outputs[0]

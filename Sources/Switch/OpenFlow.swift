@@ -790,7 +790,7 @@ enum OFBodies {
             UInt32(OXM.basicClass) << 16 | UInt32(field) << 9 | (masked ? 1 << 8 : 0) | UInt32(masked ? length * 2 : length)
         }
         property(0) { w in for type: UInt16 in [1, 2, 3, 4, 5] { w.u16(type); w.u16(4) } }
-        property(2) { w in for next in (UInt16(table) + 1)..<254 { w.u8(UInt8(next)) } }
+        property(2) { w in for next in (Int(table) + 1)..<OFTable.count { w.u8(UInt8(next)) } }
         for type: UInt16 in [4, 6] { property(type) { w in for action in actionTypes { w.u16(action); w.u16(4) } } }
         property(8) { w in for (field, length, maskable) in matchFields { w.u32(oxm(field, length, maskable)) } }
         property(10) { w in for (field, length, _) in matchFields { w.u32(oxm(field, length, false)) } }

@@ -321,7 +321,7 @@ final class OpenFlowConnection: ChannelInboundHandler {
             let datapathID = manager.datapaths[bridge].map { _ in UInt64(truncatingIfNeeded: bridge.hashValue) & 0xFFFF_FFFF_FFFF } ?? 0
             writer.u64(datapathID)
             writer.u32(0)  // buffers
-            writer.u8(254)  // tables
+            writer.u8(UInt8(OFTable.count))  // tables
             writer.u8(0)
             writer.zeros(2)
             writer.u32(0x1 | 0x2 | 0x4 | 0x8)  // flow, table, port stats, group stats
@@ -439,14 +439,16 @@ final class OpenFlowConnection: ChannelInboundHandler {
             parts = [writer.bytes]
         case .table:
             let all = manager.tables[bridge]?.all ?? []
+            let misses = manager.misses[bridge]
             var writer = OFWriter()
-            for table in 0..<254 {
+            for table in 0..<UInt8(OFTable.count) {
                 let flows = all.filter { $0.table == table }
-                writer.u8(UInt8(table))
+                let matched = flows.reduce(0) { $0 &+ $1.counters.packets }
+                writer.u8(table)
                 writer.zeros(3)
                 writer.u32(UInt32(flows.count))
-                writer.u64(0)
-                writer.u64(flows.reduce(0) { $0 &+ $1.counters.packets })
+                writer.u64(matched &+ (misses?.packets(table) ?? 0))  // lookups
+                writer.u64(matched)
             }
             parts = [writer.bytes]
         case .portStats:
@@ -460,7 +462,7 @@ final class OpenFlowConnection: ChannelInboundHandler {
             }
         case .tableFeatures:
             guard reader.remaining == 0 else { throw OpenFlowError.badRequest(11, "setting table features is not supported") }
-            for table in 0..<254 { parts.append(OFBodies.tableFeatures(UInt8(table))) }
+            for table in 0..<UInt8(OFTable.count) { parts.append(OFBodies.tableFeatures(table)) }
         case .groupDesc, .group, .meter, .meterConfig, .queue:
             parts = []
         case .groupFeatures, .meterFeatures:

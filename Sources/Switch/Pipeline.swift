@@ -5,6 +5,11 @@
 // stores. Packets are never touched here; the datapath applies plans.
 import Synchronization
 
+/// The switch's OpenFlow tables: 0 to 253 (255 means "all" in requests).
+public enum OFTable {
+    public static let count = 254
+}
+
 /// OpenFlow port numbers with special meaning.
 public enum OFPort {
     public static let max: UInt32 = 0xFFFF_FF00
@@ -176,12 +181,28 @@ public final class FlowPlan: Sendable {
     public let rules: [FlowEntry]
     /// The fields the decision depended on.
     public let mask: FlowKey
+    /// The miss counter of the table where the pipeline ended on a miss, if it did.
+    public let missed: FlowCounters?
 
-    public init(outputs: [OutputPlan], rules: [FlowEntry], mask: FlowKey) {
+    public init(outputs: [OutputPlan], rules: [FlowEntry], mask: FlowKey, missed: FlowCounters? = nil) {
         self.outputs = outputs
         self.rules = rules
         self.mask = mask
+        self.missed = missed
     }
+}
+
+/// Per-table counts of packets that matched no flow, for OpenFlow table statistics (a table's
+/// lookups are its flows' packets plus these). They live as long as the bridge, across changes
+/// of its tables.
+public final class TableMisses: Sendable {
+    private let tables: [FlowCounters]
+
+    public init() { tables = (0..<OFTable.count).map { _ in FlowCounters() } }
+
+    public func counters(_ table: UInt8) -> FlowCounters? { Int(table) < tables.count ? tables[Int(table)] : nil }
+
+    public func packets(_ table: UInt8) -> UInt64 { counters(table)?.packets ?? 0 }
 }
 
 /// The bridge's MAC table: (MAC, VLAN) → port, with aging. Owned by the datapath thread.
@@ -244,10 +265,13 @@ public struct PipelineConfig: Sendable {
     public var ports: [UInt32: VLANConfig]
     /// Flow tables, each sorted by descending priority.
     public var tables: [UInt8: [FlowEntry]]
+    /// Where table misses are counted.
+    public var misses: TableMisses?
 
-    public init(ports: [UInt32: VLANConfig] = [:], tables: [UInt8: [FlowEntry]] = [:]) {
+    public init(ports: [UInt32: VLANConfig] = [:], tables: [UInt8: [FlowEntry]] = [:], misses: TableMisses? = nil) {
         self.ports = ports
         self.tables = tables
+        self.misses = misses
     }
 }
 
@@ -268,21 +292,25 @@ public enum Pipeline {
         var edits: [OutputPlan.Edit] = []
         var actionSet: [Action] = []
         var rules: [FlowEntry] = []
+        var missed: FlowCounters?
         var table: UInt8? = 0
         var hops = 0
         while let current = table, hops < 255 {
             hops += 1
             table = nil
-            guard let flows = config.tables[current] else { break }
             var matched: FlowEntry?
-            for flow in flows {
+            for flow in config.tables[current] ?? [] {
                 mask = mask | flow.mask
                 if flow.matches(key) {
                     matched = flow
                     break
                 }
             }
-            guard let flow = matched else { break }  // a table miss drops (OpenFlow 1.3)
+            guard let flow = matched else {
+                // A table miss drops (OpenFlow 1.3).
+                missed = config.misses?.counters(current)
+                break
+            }
             rules.append(flow)
             for instruction in flow.instructions {
                 switch instruction {
@@ -310,7 +338,7 @@ public enum Pipeline {
         for action in ordered {
             apply(action, key: &key, mask: &mask, edits: &edits, outputs: &outputs, config: config, macs: macs, now: now)
         }
-        return FlowPlan(outputs: outputs, rules: rules, mask: mask)
+        return FlowPlan(outputs: outputs, rules: rules, mask: mask, missed: missed)
     }
 
     private static func apply(

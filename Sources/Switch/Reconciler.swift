@@ -16,6 +16,8 @@ public struct SwitchPort: Sendable, Equatable {
     public var vlanMode: String?
     public var options: [String: String]
     public var error: String?
+    /// Interface.mtu_request: the MTU to set on a kernel device (system, internal and tap ports).
+    public var mtuRequest: Int? = nil
 }
 
 /// One bridge as the switch sees it.
@@ -28,9 +30,28 @@ public struct SwitchBridge: Sendable, Equatable {
     public var datapathID: String
 }
 
+/// What the kernel reports for a network device (Interface.mtu, mac_in_use and ifindex).
+public struct InterfaceFacts: Sendable, Equatable {
+    public var mtu: Int
+    public var mac: String
+    public var index: Int
+
+    public init(mtu: Int, mac: String, index: Int) {
+        self.mtu = mtu
+        self.mac = mac
+        self.index = index
+    }
+}
+
 /// Where an interface name exists on the host (a veth end or an existing TAP).
 public protocol HostInterfaces {
     func exists(_ name: String) -> Bool
+    /// The device's MTU, MAC and index, if it is visible here (not, say, moved to another namespace).
+    func facts(_ name: String) -> InterfaceFacts?
+}
+
+extension HostInterfaces {
+    public func facts(_ name: String) -> InterfaceFacts? { nil }
 }
 
 /// The host's network interfaces, as /sys/class/net lists them.
@@ -38,6 +59,26 @@ public struct SysfsInterfaces: HostInterfaces {
     public init() {}
     public func exists(_ name: String) -> Bool {
         !name.contains("/") && name != "." && name != ".." && fileExists("/sys/class/net/\(name)")
+    }
+
+    public func facts(_ name: String) -> InterfaceFacts? {
+        guard exists(name) else { return nil }
+        func read(_ file: String) -> String? {
+            // Sysfs files claim a size of 4096; read what is there.
+            guard let bytes = try? OwnedFileDescriptor.openReadOnly("/sys/class/net/\(name)/\(file)").read(upTo: 64) else { return nil }
+            return String(decoding: bytes, as: UTF8.self).trimmingSuffix(while: { $0 == "\n" })
+        }
+        guard let mtu = read("mtu").flatMap({ Int($0) }), let mac = read("address"), let index = read("ifindex").flatMap({ Int($0) })
+        else { return nil }
+        return InterfaceFacts(mtu: mtu, mac: mac, index: index)
+    }
+}
+
+extension String {
+    fileprivate func trimmingSuffix(while predicate: (Character) -> Bool) -> String {
+        var end = endIndex
+        while end > startIndex, predicate(self[index(before: end)]) { end = index(before: end) }
+        return String(self[..<end])
     }
 }
 
@@ -108,7 +149,7 @@ public final class Reconciler {
 
         var next: [String: SwitchBridge] = [:]
         var interfaceRowsByName: [String: [String: Row]] = [:]
-        var interfaceUpdates: [(RowUUID, Int, String?)] = []
+        var interfaceUpdates: [(RowUUID, [String: JSON])] = []
         var bridgeUpdates: [(RowUUID, String)] = []
         for bridgeUUID in uuids(root["bridges"]) {
             guard let bridge = bridgeRows[bridgeUUID], let name = string(bridge["name"]) else { continue }
@@ -167,7 +208,7 @@ public final class Reconciler {
                     }
                     ports[interfaceName] = SwitchPort(
                         name: interfaceName, type: type, ofport: ofport, tag: tag, trunks: trunks, vlanMode: vlanMode, options: options,
-                        error: error)
+                        error: error, mtuRequest: integer(interface["mtu_request"]))
                     interfaceRowsByName[name, default: [:]][interfaceName] = interface
                 }
             }
@@ -193,22 +234,19 @@ public final class Reconciler {
         for (bridgeName, bridge) in bridges {
             for (interfaceName, port) in bridge.ports {
                 guard let row = interfaceRowsByName[bridgeName]?[interfaceName] else { continue }
+                var changes = factChanges(row, name: interfaceName, schema: db.schema)
                 if integer(row["ofport"]) != port.ofport || string(row["error"]) != port.error {
-                    interfaceUpdates.append((row.uuid, port.ofport, port.error))
+                    changes["ofport"] = .int(Int64(port.ofport))
+                    changes["error"] = port.error.map { .string($0) } ?? .array([.string("set"), .array([])])
                 }
+                if !changes.isEmpty { interfaceUpdates.append((row.uuid, changes)) }
             }
         }
 
         var operations: [JSON] = []
-        for (uuid, ofport, error) in interfaceUpdates {
+        for (uuid, changes) in interfaceUpdates {
             operations.append(
-                .object([
-                    "op": .string("update"), "table": .string("Interface"), "where": whereUUID(uuid),
-                    "row": .object([
-                        "ofport": .int(Int64(ofport)),
-                        "error": error.map { .string($0) } ?? .array([.string("set"), .array([])]),
-                    ]),
-                ]))
+                .object(["op": .string("update"), "table": .string("Interface"), "where": whereUUID(uuid), "row": .object(changes)]))
         }
         for (uuid, datapathID) in bridgeUpdates {
             operations.append(
@@ -253,12 +291,15 @@ public final class Reconciler {
             }
             let datum = Datum(map: statistics.map { (Atom.string($0.0), Atom.integer($0.1)) })
             let state = Datum(Atom.string(up ? "up" : "down"))
-            guard row["statistics"] != datum || row["link_state"] != state else { continue }
+            var changes = factChanges(row, name: name, schema: db.schema)
+            if row["statistics"] != datum || row["link_state"] != state {
+                changes["statistics"] = datum.json
+                changes["link_state"] = state.json
+                changes["admin_state"] = state.json
+            }
+            guard !changes.isEmpty else { continue }
             operations.append(
-                .object([
-                    "op": .string("update"), "table": .string("Interface"), "where": whereUUID(row.uuid),
-                    "row": .object(["statistics": datum.json, "link_state": state.json, "admin_state": state.json]),
-                ]))
+                .object(["op": .string("update"), "table": .string("Interface"), "where": whereUUID(row.uuid), "row": .object(changes)]))
         }
         guard !operations.isEmpty else { return }
         do {
@@ -266,6 +307,17 @@ public final class Reconciler {
         } catch {
             logger.error("writing interface statistics failed: \(error)")
         }
+    }
+
+    /// The Interface columns (mtu, mac_in_use, ifindex) that differ from what the kernel reports
+    /// for the device, when it is visible here and the schema has them.
+    private func factChanges(_ row: Row, name: String, schema: DatabaseSchema) -> [String: JSON] {
+        guard let columns = schema.tables["Interface"]?.columns, let facts = host.facts(name) else { return [:] }
+        var changes: [String: JSON] = [:]
+        if columns["mtu"] != nil, integer(row["mtu"]) != facts.mtu { changes["mtu"] = .int(Int64(facts.mtu)) }
+        if columns["mac_in_use"] != nil, string(row["mac_in_use"]) != facts.mac { changes["mac_in_use"] = .string(facts.mac) }
+        if columns["ifindex"] != nil, integer(row["ifindex"]) != facts.index { changes["ifindex"] = .int(Int64(facts.index)) }
+        return changes
     }
 
     private func whereUUID(_ uuid: RowUUID) -> JSON {

@@ -135,6 +135,31 @@ enum Frames {
         #expect(plan.rules.count == 2)
         // The megaflow mask covers the port field the higher-priority flow looked at.
         #expect(plan.mask.tpDst == 0xFFFF)
+        #expect(plan.missed == nil)
+    }
+
+    @Test func aTableMissIsCountedForItsTable() {
+        var tcp = FlowKey()
+        tcp.ethType = EtherType.ipv4
+        tcp.ipProto = IPProtocol.tcp
+        let tcpMask = FlowKey.mask {
+            $0.ethType = 0xFFFF
+            $0.ipProto = 0xFF
+        }
+        let flows = [
+            FlowEntry(table: 0, priority: 0, value: FlowKey(), mask: FlowKey(), instructions: [.gotoTable(3)], created: 0),
+            FlowEntry(table: 3, priority: 1, value: tcp, mask: tcpMask, instructions: [.applyActions([.output(port: 2, maxLength: 0)])], created: 0),
+        ]
+        var setup = config([1: VLANConfig(), 2: VLANConfig()], flows: flows)
+        let misses = TableMisses()
+        setup.misses = misses
+        let plan = Pipeline.plan(Frames.key(Frames.udp(from: 1, to: 2, port: 53), inPort: 1), config: setup, macs: MACTable(), now: now)
+        #expect(plan.outputs.isEmpty)
+        #expect(plan.missed === misses.counters(3))
+        // A table with no flows at all misses too.
+        setup.tables[0] = nil
+        #expect(Pipeline.plan(Frames.key(Frames.udp(from: 1, to: 2), inPort: 1), config: setup, macs: MACTable(), now: now).missed === misses.counters(0))
+        #expect(misses.counters(254) == nil)
     }
 }
 

@@ -110,6 +110,11 @@ struct OVSToolsTests {
             #expect(show.contains(expected), "\(expected) missing from:\n\(show)")
         }
         #expect(try daemon.vsctl("get", "Interface", "lo", "ofport").stdout == "1\n")
+        // What the kernel reports for the device.
+        let loMTU = (try? String(contentsOfFile: "/sys/class/net/lo/mtu", encoding: .utf8)) ?? "?"
+        #expect(try daemon.vsctl("get", "Interface", "lo", "mtu").stdout == loMTU)
+        #expect(try daemon.vsctl("get", "Interface", "lo", "ifindex").stdout == "1\n")
+        #expect(try daemon.vsctl("get", "Interface", "lo", "mac_in_use").stdout == "\"00:00:00:00:00:00\"\n")
         // The bridge's own port is a TAP; opening one needs root (elsewhere it fails with -1).
         #expect(try daemon.vsctl("get", "Interface", "nvs0", "ofport").stdout == (getuid() == 0 ? "65534\n" : "-1\n"))
         #expect(try daemon.vsctl("get", "Interface", "ghost0", "ofport").stdout == "-1\n")
