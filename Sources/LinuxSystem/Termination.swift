@@ -41,3 +41,8 @@ private final class SignalSourceList: @unchecked Sendable {
 }
 
 private let keptSignalSources = SignalSourceList()
+
+/// Ends `waitForTermination` as SIGTERM would (a daemon's own "exit" command).
+public func requestTermination() {
+    kill(getpid(), SIGTERM)
+}

@@ -281,6 +281,19 @@ public final class OVSDBServer: Sendable {
     }
 }
 
+extension JSONFramer {
+    /// The JSON-RPC messages that `buffer`'s bytes complete.
+    mutating func messages(in buffer: ByteBuffer) throws -> [JSON] {
+        try feed(buffer.readableBytesView).map { text in
+            do {
+                return try JSON.parse(text)
+            } catch {
+                throw JSONError("bad JSON-RPC message: \(error)")
+            }
+        }
+    }
+}
+
 /// One client connection: JSON-RPC requests in, replies and notifications out.
 final class RPCSession: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
@@ -314,17 +327,8 @@ final class RPCSession: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let buffer = unwrapInboundIn(data)
         do {
-            for text in try framer.feed(buffer.readableBytesView) {
-                let message: JSON
-                do {
-                    message = try JSON.parse(text)
-                } catch {
-                    throw JSONError("bad JSON-RPC message: \(error)")
-                }
-                handle(message)
-            }
+            for message in try framer.messages(in: unwrapInboundIn(data)) { handle(message) }
         } catch {
             logger.info("closing OVSDB connection: \(error)", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "unix")"])
             context.close(promise: nil)

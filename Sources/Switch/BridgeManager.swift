@@ -187,6 +187,11 @@ public final class BridgeManager: @unchecked Sendable {
         (openPorts[bridge]?.values.map(\.port) ?? []).sorted { $0.ofport < $1.ofport }
     }
 
+    /// A bridge's open ports with their Interface types, by number.
+    public func portTypes(_ bridge: String) -> [(name: String, ofport: UInt32, type: String)] {
+        (openPorts[bridge] ?? [:]).map { (name: $0.key, ofport: $0.value.port.ofport, type: $0.value.type) }.sorted { $0.ofport < $1.ofport }
+    }
+
     /// Every open port's counters, by interface name (names are unique across bridges).
     public func interfaceCounters() -> [String: PortCounters] {
         var out: [String: PortCounters] = [:]

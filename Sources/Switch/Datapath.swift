@@ -45,6 +45,8 @@ public final class Datapath: @unchecked Sendable {
         var packetOuts: [(frame: [UInt8], inPort: UInt32, actions: [Action])] = []
         var stop = false
         var flushCaches = false
+        var flushMACs = false
+        var macQueries: [@Sendable ([MACEntry]) -> Void] = []
     }
     private let control = Mutex(Control())
     /// Packet-ins for the control side (drained by `takePacketIns`).
@@ -127,6 +129,18 @@ public final class Datapath: @unchecked Sendable {
     /// Sends a frame through `actions` as if it had arrived on `inPort` (OpenFlow packet-out).
     public func packetOut(_ frame: [UInt8], inPort: UInt32, actions: [Action]) {
         control.withLock { $0.packetOuts.append((frame, inPort, actions)) }
+        try? wake.signal()
+    }
+
+    /// Hands a snapshot of the MAC table to `reply`, on the datapath thread.
+    public func macEntries(_ reply: @escaping @Sendable ([MACEntry]) -> Void) {
+        control.withLock { $0.macQueries.append(reply) }
+        try? wake.signal()
+    }
+
+    /// Forgets every learned address.
+    public func flushMACs() {
+        control.withLock { $0.flushMACs = true }
         try? wake.signal()
     }
 
@@ -255,6 +269,11 @@ public final class Datapath: @unchecked Sendable {
         if let config = pending.config {
             self.config = config
             changed = true
+        }
+        if pending.flushMACs { macs.flush() }
+        if !pending.macQueries.isEmpty {
+            let entries = macs.snapshot(now: Host.monotonicNanoseconds())
+            for reply in pending.macQueries { reply(entries) }
         }
         if changed || pending.flushCaches { flushCaches() }
         var unused = DatapathStats()

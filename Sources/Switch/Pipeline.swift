@@ -205,6 +205,15 @@ public final class TableMisses: Sendable {
     public func packets(_ table: UInt8) -> UInt64 { counters(table)?.packets ?? 0 }
 }
 
+/// One learned address, as `ovs-appctl fdb/show` lists it.
+public struct MACEntry: Sendable, Equatable {
+    public var mac: UInt64
+    public var vlan: UInt16
+    public var port: UInt32
+    /// Seconds since a frame from it was last seen.
+    public var age: UInt64
+}
+
 /// The bridge's MAC table: (MAC, VLAN) → port, with aging. Owned by the datapath thread.
 public final class MACTable {
     public struct Entry {
@@ -249,6 +258,19 @@ public final class MACTable {
         entries = entries.filter { now &- $0.value.lastSeen < agingNanoseconds }
         if entries.count != before { generation &+= 1 }
         return entries.count != before
+    }
+
+    /// Forgets everything (ovs-appctl fdb/flush).
+    public func flush() {
+        guard !entries.isEmpty else { return }
+        entries.removeAll()
+        generation &+= 1
+    }
+
+    /// The entries with their ages in seconds, by port, VLAN and MAC.
+    public func snapshot(now: UInt64) -> [MACEntry] {
+        entries.map { MACEntry(mac: $0.key.mac, vlan: $0.key.vlan, port: $0.value.port, age: (now &- $0.value.lastSeen) / 1_000_000_000) }
+            .sorted { ($0.port, $0.vlan, $0.mac) < ($1.port, $1.vlan, $1.mac) }
     }
 
     /// Forgets everything learned on `port` (it went away).

@@ -31,11 +31,16 @@ struct NimbusSwitchd: AsyncParsableCommand {
     @Option(help: "The directory for run-time sockets (each bridge's BRIDGE.mgmt, as in OVS).")
     var rundir = "/var/run/nimbus"
 
+    @Option(help: "The control socket for ovs-appctl -t PATH (fdb/show, dpif/show, ...). Default: RUNDIR/nimbus-switchd.ctl.")
+    var unixctl: String?
+
     @Option(help: "The schema for a new database file.")
     var schema = "/usr/share/openvswitch/vswitch.ovsschema"
 
     @Option(help: "Log level: trace, debug, info, notice, warning, error or critical.")
     var logLevel = "info"
+
+    static let version = "nimbus-switchd 0.1 (OVSDB schema 8.3.1 compatible)"
 
     func run() async throws {
         guard let level = Logger.Level(rawValue: logLevel) else {
@@ -50,6 +55,9 @@ struct NimbusSwitchd: AsyncParsableCommand {
         do {
             try await serve(logger: logger)
         } catch let error as OVSDBError {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        } catch let error as ControlError {
             logger.critical("\(error)")
             throw ExitCode(1)
         }
@@ -113,7 +121,7 @@ struct NimbusSwitchd: AsyncParsableCommand {
             core.commitObservers.append { [unowned core] database, commit in
                 reconciler.committed(core, database: database, commit: commit)
             }
-            reconciler.announce(core, version: "nimbus-switchd 0.1 (OVSDB schema 8.3.1 compatible)")
+            reconciler.announce(core, version: Self.version)
             // Every 5 s, on the loop that owns the database.
             func publishStatistics() {
                 loop.assumeIsolated().scheduleTask(in: .seconds(5)) { [unowned core] in
@@ -123,9 +131,17 @@ struct NimbusSwitchd: AsyncParsableCommand {
             }
             publishStatistics()
         }
+        var commands = SwitchControl.commands(manager: manager, loop: loop)
+        commands["exit"] = ControlCommand { _ in
+            requestTermination()
+            return loop.makeSucceededFuture("")
+        }
+        let control = try await ControlServer.start(
+            path: unixctl ?? "\(rundir)/nimbus-switchd.ctl", loop: loop, version: Self.version, commands: commands, logger: logger)
         logger.info("nimbus-switchd ready")
         await waitForTermination()
         logger.info("shutting down")
+        await control.stop()
         await server.stop()
         _ = try? await server.withCore { _ in
             openFlow.stop()

@@ -183,6 +183,40 @@ enum Frames {
         return datapath
     }
 
+    /// The MAC table as the datapath thread hands it over (ovs-appctl fdb/show).
+    func macEntries(_ datapath: Datapath) throws -> [MACEntry] {
+        let box = Mutex<[MACEntry]?>(nil)
+        datapath.macEntries { entries in box.withLock { $0 = entries } }
+        for _ in 0..<400 {
+            if let entries = box.withLock({ $0 }) { return entries }
+            Thread.sleep(forTimeInterval: 0.005)
+        }
+        throw SwitchError("the datapath thread did not answer")
+    }
+
+    @Test func theMACTableCanBeListedAndFlushed() throws {
+        let first = try MemoryPort(name: "a", ofport: 1)
+        let second = try MemoryPort(name: "b", ofport: 2)
+        let datapath = try started("fdb", [first, second], vlans: [1: VLANConfig(tag: 10), 2: VLANConfig(tag: 10)])
+        defer { datapath.stop() }
+        first.inject(Frames.udp(from: 1, to: 2))
+        #expect(waitFor(second).count == 1)
+        second.inject(Frames.udp(from: 2, to: 1))
+        #expect(waitFor(first).count == 1)
+        let entries = try macEntries(datapath)
+        #expect(entries.map(\.port) == [1, 2] && entries.map(\.vlan) == [10, 10])
+        #expect(entries.map(\.mac) == [0x0200_0000_0001, 0x0200_0000_0002])
+        #expect(
+            SwitchControl.fdbTable(entries)
+                == " port  VLAN  MAC                Age\n    1    10  02:00:00:00:00:01    0\n    2    10  02:00:00:00:00:02    0\n")
+        datapath.flushMACs()
+        #expect(try macEntries(datapath).isEmpty)
+        // Flushed means forgotten: the next frame to host 1 is flooded again, and relearned.
+        second.inject(Frames.udp(from: 2, to: 1))
+        #expect(waitFor(first).count == 1)
+        #expect(try macEntries(datapath).map(\.port) == [2])
+    }
+
     @Test func forwardsLearnsAndRetagsBetweenMemoryPorts() throws {
         let access = try MemoryPort(name: "a", ofport: 1)
         let other = try MemoryPort(name: "b", ofport: 2)

@@ -234,3 +234,20 @@ extension Database {
         #expect(throws: OVSDBError.self) { try DatabaseFile.open(path: path) }
     }
 }
+
+@Suite struct ControlSocketTests {
+    @Test func requestsAreCheckedAsOvsVswitchdChecksThem() {
+        let commands = ["fdb/show": ControlCommand(usage: "BRIDGE", arguments: 1...1) { _ in fatalError("not run here") }]
+        func check(_ method: String, _ params: [JSON]) -> String {
+            switch ControlSession.validate(method, .array(params), commands: commands) {
+            case .success(let (_, arguments)): return arguments.joined(separator: ",")
+            case .failure(let error): return error.message
+            }
+        }
+        #expect(check("fdb/show", [.string("br0")]) == "br0")
+        #expect(check("nope", []) == "\"nope\" is not a valid command (use \"list-commands\" to see a list of valid commands)")
+        #expect(check("fdb/show", []) == "\"fdb/show\" command requires at least 1 arguments")
+        #expect(check("fdb/show", [.string("a"), .string("b")]) == "\"fdb/show\" command takes at most 1 arguments")
+        #expect(check("fdb/show", [.int(1)]) == "\"fdb/show\" command has non-string argument")
+    }
+}

@@ -149,6 +149,20 @@ struct OVSToolsTests {
         #expect(garbage.stdout == "b''\n")
         #expect(try daemon.vsctl("list-br").stdout == "nvs0\n")
 
+        // ovs-appctl on the daemon's control socket.
+        let appctl = ["-t", directory + "/nimbus-switchd.ctl"]
+        #expect(try OVSTools.run("ovs-appctl", appctl + ["version"]).stdout.hasPrefix("nimbus-switchd "))
+        let listing = try OVSTools.run("ovs-appctl", appctl + ["list-commands"]).stdout
+        #expect(["fdb/show BRIDGE", "fdb/flush [BRIDGE]", "dpif/show", "exit"].allSatisfy { listing.contains($0) }, "\(listing)")
+        #expect(try OVSTools.run("ovs-appctl", appctl + ["fdb/show", "nvs0"]).stdout.hasPrefix(" port  VLAN  MAC                Age\n"))
+        #expect(try OVSTools.run("ovs-appctl", appctl + ["fdb/flush"]).stdout == "table successfully flushed\n")
+        let dpif = try OVSTools.run("ovs-appctl", appctl + ["dpif/show"]).stdout
+        #expect(dpif.contains("  nvs0:\n") && dpif.contains("    vx1 2: (vxlan)\n"), "\(dpif)")
+        let noBridge = try OVSTools.run("ovs-appctl", appctl + ["fdb/show", "nope"])
+        #expect(noBridge.status == 2 && noBridge.stderr.hasPrefix("no such bridge\n"), "\(noBridge)")
+        let noCommand = try OVSTools.run("ovs-appctl", appctl + ["fdb/nothing"])
+        #expect(noCommand.status == 2 && noCommand.stderr.contains("is not a valid command"), "\(noCommand)")
+
         // SIGTERM stops it cleanly; ovsdb-tool reads the file it left.
         #expect(daemon.stop() == 0)
         let query = try OVSTools.run(
@@ -161,7 +175,10 @@ struct OVSToolsTests {
         #expect(try again.vsctl("list-ports", "nvs0").stdout == "lo\nvx1\n")
         #expect(try again.vsctl("get", "Interface", "lo", "ofport").stdout == "1\n")
         #expect(try again.vsctl("get", "Interface", "vx1", "ofport").stdout == "2\n")
-        #expect(again.stop() == 0)
+        // ovs-appctl exit stops it as SIGTERM does.
+        #expect(try OVSTools.run("ovs-appctl", appctl + ["exit"]).status == 0)
+        again.process.waitUntilExit()
+        #expect(again.process.terminationStatus == 0)
     }
 
     @Test func ovsOfctlManagesFlowTables() throws {
