@@ -17,6 +17,9 @@ public final class BridgeManager: @unchecked Sendable {
     /// Sets a kernel device's MTU (replaceable in tests).
     public var setMTU: (String, Int) throws -> Void = { name, mtu in try NetworkInterface.setMTU(name, mtu) }
     public private(set) var tables: [String: FlowTables] = [:]
+    /// OpenFlow port configuration set by PORT_MOD: bridge → ofport → `OFPortConfig` bits. A port
+    /// opened anew starts with none, as in OVS.
+    private var portConfigs: [String: [UInt32: UInt32]] = [:]
     /// Each bridge's table-miss counters (OpenFlow table statistics).
     public private(set) var misses: [String: TableMisses] = [:]
     /// Opens a port's I/O (replaceable in tests); nil: kernel interfaces, TAPs and VXLAN.
@@ -85,6 +88,7 @@ public final class BridgeManager: @unchecked Sendable {
             openPorts[name] = nil
             vlanConfigs[name] = nil
             appliedMTU[name] = nil
+            portConfigs[name] = nil
             tables[name] = nil
             misses[name] = nil
             logger.info("bridge \(name) removed")
@@ -118,6 +122,7 @@ public final class BridgeManager: @unchecked Sendable {
                     (open.port as? VXLANPort)?.detach()
                     current[interface] = nil
                     appliedMTU[name]?[interface] = nil  // a device opened anew may be a new device
+                    portConfigs[name]?[open.port.ofport] = nil
                 }
             }
             // Let go of removed ports now: one reopened with new options may need what they hold.
@@ -168,7 +173,22 @@ public final class BridgeManager: @unchecked Sendable {
     public func push(_ bridge: String) {
         guard let datapath = datapaths[bridge] else { return }
         datapath.configure(
-            PipelineConfig(ports: vlanConfigs[bridge] ?? [:], tables: tables[bridge]?.snapshot() ?? [:], misses: misses[bridge]))
+            PipelineConfig(
+                ports: vlanConfigs[bridge] ?? [:], tables: tables[bridge]?.snapshot() ?? [:], misses: misses[bridge],
+                portConfig: portConfigs[bridge] ?? [:]))
+    }
+
+    /// A port's OpenFlow configuration bits.
+    public func portConfig(_ bridge: String, _ ofport: UInt32) -> UInt32 { portConfigs[bridge]?[ofport] ?? 0 }
+
+    /// Sets the bits of `mask` in a port's OpenFlow configuration to those of `config` (PORT_MOD).
+    public func modifyPort(_ bridge: String, _ ofport: UInt32, config: UInt32, mask: UInt32) {
+        let old = portConfig(bridge, ofport)
+        let new = (old & ~mask) | (config & mask)
+        guard new != old else { return }
+        portConfigs[bridge, default: [:]][ofport] = new == 0 ? nil : new
+        logger.info("bridge \(bridge): port \(ofport) OpenFlow config 0x\(String(new, radix: 16))")
+        push(bridge)
     }
 
     /// Changes a bridge's flow tables and pushes them.

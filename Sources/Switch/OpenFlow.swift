@@ -35,6 +35,7 @@ public struct OpenFlowError: Error, Sendable, CustomStringConvertible {
     static func badMatch(_ code: UInt16, _ reason: String) -> OpenFlowError { OpenFlowError(4, code, reason) }
     static func flowModFailed(_ code: UInt16, _ reason: String) -> OpenFlowError { OpenFlowError(5, code, reason) }
     static func truncated(_ what: String) -> OpenFlowError { .badRequest(6, "\(what) is truncated") }
+    static func portModFailed(_ code: UInt16, _ reason: String) -> OpenFlowError { OpenFlowError(7, code, reason) }
 
     public var description: String { "OpenFlow error type \(type) code \(code): \(reason)" }
 }
@@ -739,15 +740,19 @@ enum OFBodies {
         return writer.bytes
     }
 
-    static func port(number: UInt32, name: String, mac: UInt64) -> [UInt8] {
+    /// The hardware address a port's description shows (and a PORT_MOD must name).
+    static func portAddress(_ number: UInt32) -> UInt64 { 0x0200_0000_0000 | UInt64(number) }
+
+    static func port(number: UInt32, name: String, config: UInt32) -> [UInt8] {
         var writer = OFWriter()
         writer.u32(number)
         writer.zeros(4)
+        let mac = portAddress(number)
         for shift in stride(from: 40, through: 0, by: -8) { writer.u8(UInt8((mac >> UInt64(shift)) & 0xFF)) }
         writer.zeros(2)
         writer.string(name, width: 16)
-        writer.u32(0)  // config
-        writer.u32(4)  // state: live
+        writer.u32(config)
+        writer.u32(config & OFPortConfig.portDown != 0 ? 1 : 4)  // state: link down, or live
         writer.u32(0x2000 | 0x0800)  // curr: 10 Gb full duplex, copper
         writer.u32(0)
         writer.u32(0)

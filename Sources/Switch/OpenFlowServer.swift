@@ -351,6 +351,8 @@ final class OpenFlowConnection: ChannelInboundHandler {
             try flowMod(try FlowMod(body: message.body))
         case .packetOut:
             try packetOut(message.body)
+        case .portMod:
+            try portMod(message.body)
         case .multipartRequest:
             try multipart(message)
         case .getAsyncRequest:
@@ -362,6 +364,29 @@ final class OpenFlowConnection: ChannelInboundHandler {
         default:
             throw OpenFlowError.badRequest(1, "message type \(type) is not supported")
         }
+    }
+
+    /// PORT_MOD: sets or clears a port's PORT_DOWN, NO_RECV, NO_FWD and NO_PACKET_IN bits.
+    private func portMod(_ body: [UInt8]) throws {
+        var reader = OFReader(body)
+        let number = try reader.u32()
+        try reader.skip(4)
+        var address: UInt64 = 0
+        for byte in try reader.take(6) { address = address << 8 | UInt64(byte) }
+        try reader.skip(2)
+        let config = try reader.u32()
+        let mask = try reader.u32()
+        let manager = server.manager
+        guard manager.ports(bridge).contains(where: { $0.ofport == number }) else {
+            throw OpenFlowError.portModFailed(0, "bridge \(bridge) has no port \(number)")
+        }
+        guard address == OFBodies.portAddress(number) else {
+            throw OpenFlowError.portModFailed(1, "port \(number)'s hardware address is not \(String(address, radix: 16))")
+        }
+        guard mask & ~OFPortConfig.all == 0 else {
+            throw OpenFlowError.portModFailed(2, "config bits 0x\(String(mask & ~OFPortConfig.all, radix: 16)) are not supported")
+        }
+        manager.modifyPort(bridge, number, config: config, mask: mask)
     }
 
     private func flowMod(_ mod: FlowMod) throws {
@@ -458,7 +483,7 @@ final class OpenFlowConnection: ChannelInboundHandler {
             }
         case .portDesc:
             for port in manager.ports(bridge) {
-                parts.append(OFBodies.port(number: port.ofport, name: port.name, mac: 0x0200_0000_0000 | UInt64(port.ofport)))
+                parts.append(OFBodies.port(number: port.ofport, name: port.name, config: manager.portConfig(bridge, port.ofport)))
             }
         case .tableFeatures:
             guard reader.remaining == 0 else { throw OpenFlowError.badRequest(11, "setting table features is not supported") }

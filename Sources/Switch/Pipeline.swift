@@ -10,6 +10,15 @@ public enum OFTable {
     public static let count = 254
 }
 
+/// OpenFlow 1.3 port configuration bits (PORT_MOD, port descriptions).
+public enum OFPortConfig {
+    public static let portDown: UInt32 = 1 << 0
+    public static let noReceive: UInt32 = 1 << 2
+    public static let noForward: UInt32 = 1 << 5
+    public static let noPacketIn: UInt32 = 1 << 6
+    public static let all = portDown | noReceive | noForward | noPacketIn
+}
+
 /// OpenFlow port numbers with special meaning.
 public enum OFPort {
     public static let max: UInt32 = 0xFFFF_FF00
@@ -289,11 +298,16 @@ public struct PipelineConfig: Sendable {
     public var tables: [UInt8: [FlowEntry]]
     /// Where table misses are counted.
     public var misses: TableMisses?
+    /// ofport → OpenFlow port configuration (`OFPortConfig` bits; absent means none set).
+    public var portConfig: [UInt32: UInt32] = [:]
 
-    public init(ports: [UInt32: VLANConfig] = [:], tables: [UInt8: [FlowEntry]] = [:], misses: TableMisses? = nil) {
+    public init(
+        ports: [UInt32: VLANConfig] = [:], tables: [UInt8: [FlowEntry]] = [:], misses: TableMisses? = nil, portConfig: [UInt32: UInt32] = [:]
+    ) {
         self.ports = ports
         self.tables = tables
         self.misses = misses
+        self.portConfig = portConfig
     }
 }
 
@@ -308,6 +322,24 @@ public enum Pipeline {
 
     /// Runs the pipeline for `key` from table 0, learning MACs as NORMAL does.
     public static func plan(_ key: FlowKey, config: PipelineConfig, macs: MACTable, now: UInt64) -> FlowPlan {
+        let inConfig = config.portConfig[key.inPort] ?? 0
+        if inConfig & (OFPortConfig.portDown | OFPortConfig.noReceive) != 0 {
+            // A port that is down or does not receive drops what arrives on it, before learning.
+            return FlowPlan(outputs: [], rules: [], mask: FlowKey.mask { $0.inPort = ~0 })
+        }
+        let planned = pipeline(key, config: config, macs: macs, now: now)
+        guard !config.portConfig.isEmpty else { return planned }
+        let outputs = planned.outputs.filter { output in
+            let outConfig = config.portConfig[output.port] ?? 0
+            if outConfig & (OFPortConfig.portDown | OFPortConfig.noForward) != 0 { return false }
+            return output.port != OFPort.controller || inConfig & OFPortConfig.noPacketIn == 0
+        }
+        guard outputs.count != planned.outputs.count else { return planned }
+        return FlowPlan(outputs: outputs, rules: planned.rules, mask: planned.mask, missed: planned.missed)
+    }
+
+    /// The OpenFlow tables from table 0 for `key`.
+    private static func pipeline(_ key: FlowKey, config: PipelineConfig, macs: MACTable, now: UInt64) -> FlowPlan {
         var key = key
         var mask = FlowKey.mask { $0.inPort = ~0 }
         var outputs: [OutputPlan] = []

@@ -138,6 +138,27 @@ enum Frames {
         #expect(plan.missed == nil)
     }
 
+    @Test func portConfigurationStopsReceivingForwardingAndPacketIns() {
+        let macs = MACTable()
+        let toController = FlowEntry(
+            table: 0, priority: 5, value: FlowKey(), mask: FlowKey(),
+            instructions: [.applyActions([.output(port: OFPort.normal, maxLength: 0), .output(port: OFPort.controller, maxLength: 128)])],
+            created: 0)
+        var setup = config([1: VLANConfig(), 2: VLANConfig(), 3: VLANConfig()], flows: [toController])
+        func outputs(from port: UInt32) -> [UInt32] {
+            Pipeline.plan(Frames.key(Frames.udp(from: UInt8(port), to: 9), inPort: port), config: setup, macs: macs, now: now).outputs.map(\.port)
+        }
+        #expect(outputs(from: 1) == [2, 3, OFPort.controller])
+        setup.portConfig = [2: OFPortConfig.noForward, 3: OFPortConfig.noReceive | OFPortConfig.noPacketIn]
+        #expect(outputs(from: 1) == [3, OFPort.controller])
+        #expect(outputs(from: 3).isEmpty)
+        setup.portConfig = [1: OFPortConfig.noPacketIn, 3: OFPortConfig.portDown]
+        #expect(outputs(from: 1) == [2])
+        #expect(outputs(from: 3).isEmpty)
+        // A port that does not receive learns nothing either.
+        #expect(macs.lookup(0x0200_0000_0003, vlan: 0) == nil)
+    }
+
     @Test func aTableMissIsCountedForItsTable() {
         var tcp = FlowKey()
         tcp.ethType = EtherType.ipv4
