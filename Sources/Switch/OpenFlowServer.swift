@@ -16,6 +16,8 @@ public final class OpenFlowServer: @unchecked Sendable {
     let logger: Logger
     private var listeners: [String: [String: Channel]] = [:]
     var connections: [ObjectIdentifier: OpenFlowConnection] = [:]
+    /// The open ports each bridge's controllers were last told of (ofport → name), for PORT_STATUS.
+    private var announcedPorts: [String: [UInt32: String]] = [:]
     private var expiry: RepeatedTask?
     private let started = Host.monotonicNanoseconds()
 
@@ -84,6 +86,38 @@ public final class OpenFlowServer: @unchecked Sendable {
             }
             listeners[name] = current
             for target in wanted where current[target] == nil { listen(bridge: name, target: target) }
+        }
+        announcePorts()
+    }
+
+    /// Tells each bridge's controllers of ports opened or closed since the last call (PORT_STATUS
+    /// ADD and DELETE), as ovs-vswitchd does.
+    private func announcePorts() {
+        for name in announcedPorts.keys where manager.datapaths[name] == nil { announcedPorts[name] = nil }
+        for name in manager.datapaths.keys {
+            let current = Dictionary(manager.ports(name).map { ($0.ofport, $0.name) }, uniquingKeysWith: { first, _ in first })
+            let before = announcedPorts[name] ?? [:]
+            for (number, portName) in before where current[number] != portName {
+                portStatus(bridge: name, reason: .delete, number: number, name: portName)
+            }
+            for (number, portName) in current.sorted(by: { $0.key < $1.key }) where before[number] != portName {
+                portStatus(bridge: name, reason: .add, number: number, name: portName)
+            }
+            announcedPorts[name] = current
+        }
+    }
+
+    enum PortReason: UInt8 { case add = 0, delete = 1, modify = 2 }
+
+    /// Sends PORT_STATUS for one port to the bridge's connections that take asynchronous messages.
+    func portStatus(bridge: String, reason: PortReason, number: UInt32, name: String) {
+        var writer = OFWriter()
+        writer.u8(reason.rawValue)
+        writer.zeros(7)
+        writer.bytes += OFBodies.port(number: number, name: name, config: reason == .delete ? 0 : manager.portConfig(bridge, number))
+        let message = OFMessage(type: .portStatus, xid: 0, body: writer.bytes)
+        for connection in connections.values where connection.bridge == bridge && connection.wantsPacketIns {
+            connection.send(message)
         }
     }
 
@@ -239,7 +273,7 @@ final class OpenFlowConnection: ChannelInboundHandler {
         }
     }
 
-    private func send(_ message: OFMessage) {
+    func send(_ message: OFMessage) {
         guard let context else { return }
         context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: message.bytes)), promise: nil)
     }
@@ -386,7 +420,11 @@ final class OpenFlowConnection: ChannelInboundHandler {
         guard mask & ~OFPortConfig.all == 0 else {
             throw OpenFlowError.portModFailed(2, "config bits 0x\(String(mask & ~OFPortConfig.all, radix: 16)) are not supported")
         }
+        let before = manager.portConfig(bridge, number)
         manager.modifyPort(bridge, number, config: config, mask: mask)
+        if manager.portConfig(bridge, number) != before, let port = manager.ports(bridge).first(where: { $0.ofport == number }) {
+            server.portStatus(bridge: bridge, reason: .modify, number: number, name: port.name)
+        }
     }
 
     private func flowMod(_ mod: FlowMod) throws {

@@ -32,7 +32,7 @@ struct SwitchNamespaceTests {
             "PASS access VLANs 10 and 20 cannot reach each other", "PASS trunk carries VLAN 10 tagged",
             "PASS an ovs-ofctl drop rule stops ICMP", "PASS dump-flows counts the dropped packets", "PASS del-flows restores ICMP",
             "PASS dump-tables counts lookups and misses", "PASS ovs-appctl fdb/show and dpif/show",
-            "PASS ovs-ofctl mod-port down stops a port, up restores it",
+            "PASS ovs-ofctl mod-port down stops a port, up restores it", "PASS PORT_STATUS for ports added, changed by mod-port and deleted",
             "PASS mtu_request sets a port's MTU; Interface.mtu, mac_in_use and ifindex report the device",
             "PASS ports survive a restart", "PASS flows survive a restart", "PASS ping across VXLAN between two switch daemons",
             "PASS ping to a Linux vxlan device", "PASS iperf3 -R with a Linux vxlan peer",
