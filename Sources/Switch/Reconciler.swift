@@ -64,21 +64,13 @@ public struct SysfsInterfaces: HostInterfaces {
     public func facts(_ name: String) -> InterfaceFacts? {
         guard exists(name) else { return nil }
         func read(_ file: String) -> String? {
-            // Sysfs files claim a size of 4096; read what is there.
+            // Sysfs files claim a size of 4096; read what is there, up to the newline.
             guard let bytes = try? OwnedFileDescriptor.openReadOnly("/sys/class/net/\(name)/\(file)").read(upTo: 64) else { return nil }
-            return String(decoding: bytes, as: UTF8.self).trimmingSuffix(while: { $0 == "\n" })
+            return String(decoding: bytes.prefix { $0 != UInt8(ascii: "\n") }, as: UTF8.self)
         }
         guard let mtu = read("mtu").flatMap({ Int($0) }), let mac = read("address"), let index = read("ifindex").flatMap({ Int($0) })
         else { return nil }
         return InterfaceFacts(mtu: mtu, mac: mac, index: index)
-    }
-}
-
-extension String {
-    fileprivate func trimmingSuffix(while predicate: (Character) -> Bool) -> String {
-        var end = endIndex
-        while end > startIndex, predicate(self[index(before: end)]) { end = index(before: end) }
-        return String(self[..<end])
     }
 }
 

@@ -361,4 +361,31 @@ enum Frames {
         _ = manager.apply(bridge(["remote_ip": "192.0.2.9"]))
         #expect(opened.withLock { $0["vx"] } == ["remote_ip": "192.0.2.9"])
     }
+
+    @Test func mtuRequestsAreAppliedOncePerValueToKernelDevices() throws {
+        let manager = BridgeManager(logger: Logger(label: "test"))
+        defer { manager.stopAll() }
+        manager.openPort = { port, _ in try MemoryPort(name: port.name, ofport: UInt32(port.ofport)) }
+        let set = Mutex<[String]>([])
+        manager.setMTU = { name, mtu in
+            set.withLock { $0.append("\(name)=\(mtu)") }
+            if mtu > 9000 { throw SwitchError("refused") }
+        }
+        func bridge(_ mtu: Int?, vxlan: Int? = nil) -> [String: SwitchBridge] {
+            var veth = SwitchPort(name: "veth0", type: "", ofport: 1, tag: nil, trunks: [], vlanMode: nil, options: [:], error: nil)
+            veth.mtuRequest = mtu
+            var tunnel = SwitchPort(name: "vx", type: "vxlan", ofport: 2, tag: nil, trunks: [], vlanMode: nil, options: ["remote_ip": "192.0.2.1"])
+            tunnel.mtuRequest = vxlan
+            return ["br0": SwitchBridge(name: "br0", uuid: RowUUID(high: 1, low: 2), ports: ["veth0": veth, "vx": tunnel], controllers: [], datapathID: "1")]
+        }
+        _ = manager.apply(bridge(1400, vxlan: 1400))
+        _ = manager.apply(bridge(1400, vxlan: 1400))
+        // A refused value is tried once too, and the port stays open; a cleared request sets nothing.
+        _ = manager.apply(bridge(9500))
+        _ = manager.apply(bridge(9500))
+        _ = manager.apply(bridge(nil))
+        _ = manager.apply(bridge(1500))
+        #expect(set.withLock { $0 } == ["veth0=1400", "veth0=9500", "veth0=1500"])
+        #expect(manager.ports("br0").map(\.name) == ["veth0", "vx"])
+    }
 }
