@@ -411,7 +411,7 @@ final class OpenFlowConnection: ChannelInboundHandler {
         let config = try reader.u32()
         let mask = try reader.u32()
         let manager = server.manager
-        guard manager.ports(bridge).contains(where: { $0.ofport == number }) else {
+        guard let port = manager.ports(bridge).first(where: { $0.ofport == number }) else {
             throw OpenFlowError.portModFailed(0, "bridge \(bridge) has no port \(number)")
         }
         guard address == OFBodies.portAddress(number) else {
@@ -422,7 +422,7 @@ final class OpenFlowConnection: ChannelInboundHandler {
         }
         let before = manager.portConfig(bridge, number)
         manager.modifyPort(bridge, number, config: config, mask: mask)
-        if manager.portConfig(bridge, number) != before, let port = manager.ports(bridge).first(where: { $0.ofport == number }) {
+        if manager.portConfig(bridge, number) != before {
             server.portStatus(bridge: bridge, reason: .modify, number: number, name: port.name)
         }
     }
