@@ -39,11 +39,15 @@ done
 
 work=$(mktemp -d /tmp/switch-bench.XXXXXX)
 cc -O2 -o "$work/udpflood" "$SCRIPT_DIR/udpflood.c" || { echo "cannot build udpflood (needs a C compiler)" >&2; exit 2; }
+cc -O2 -o "$work/tapfwd" "$SCRIPT_DIR/tapfwd.c" || { echo "cannot build tapfwd (needs a C compiler)" >&2; exit 2; }
 stop_all() {
     pkill -f "nimbus-switchd --db $work" 2>/dev/null
+    pkill -f "$work/tapfwd" 2>/dev/null
     [ -f "$work/ovs/vswitchd.pid" ] && kill "$(cat "$work/ovs/vswitchd.pid")" 2>/dev/null
     [ -f "$work/ovs/ovsdb.pid" ] && kill "$(cat "$work/ovs/ovsdb.pid")" 2>/dev/null
     ip link del sbbr 2>/dev/null
+    ip link del sbovs 2>/dev/null
+    ip link del ovs-netdev 2>/dev/null
     for n in sb1 sb2; do ip netns del $n 2>/dev/null; done
     ip link del sbv1 2>/dev/null
     ip link del sbv2 2>/dev/null
@@ -92,7 +96,10 @@ measure() {  # NAME
     ip netns exec sb1 "$work/udpflood" send 10.66.0.2 5402 "$SECONDS_PER_TEST" >/dev/null
     wait $sink
     record "$name-pps" "$(cat "$work/pps")"
-    record "$name-rtt" "$(ip netns exec sb1 ping -q -c 200 -i 0.01 10.66.0.2 | awk -F/ '/^rtt/ {print $5 * 1000}')"
+    local rtts
+    rtts=$(ip netns exec sb1 ping -c 200 -i 0.01 10.66.0.2 | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p')
+    record "$name-rtt" "$(echo "$rtts" | awk '{s += $1} END {if (NR) printf "%.0f\n", s / NR * 1000}')"
+    record "$name-rttmed" "$(echo "$rtts" | awk '{print $1 * 1000}' | median | xargs printf '%.0f')"
 }
 
 run_bridge() {
@@ -148,6 +155,15 @@ run_nimbus() {  # veth|tap
     stop_all
 }
 
+run_bare() {  # the bare TAP forwarder
+    namespaces
+    "$work/tapfwd" sbt1 sbt2 &
+    tap_ends
+    sleep 0.5
+    measure bare-tap
+    stop_all
+}
+
 for run in $(seq 1 "$RUNS"); do
     echo "run $run of $RUNS" >&2
     run_bridge
@@ -155,21 +171,34 @@ for run in $(seq 1 "$RUNS"); do
         run_ovs $ports
         run_nimbus $ports
     done
+    run_bare
 done
 
 m() { echo "${results[$1]:-}" | median; }
 echo
 echo "nimbus-switchd benchmark, $(date -u +%Y-%m-%d), $RUNS runs of ${SECONDS_PER_TEST}s (medians)"
 echo
+row() {  # label bridge-key ovs-key nimbus-key
+    printf '%-26s %12s %12s %12s %12s\n' "$1" "$([ -n "$2" ] && m "$2")" "$(m "$3")" "$(m "$4")" "$(ratio "$(m "$4")" "$(m "$3")")"
+}
 printf '%-26s %12s %12s %12s %12s\n' "veth ports" "Linux bridge" "OVS netdev" "nimbus" "nimbus/OVS"
-printf '%-26s %12s %12s %12s %12s\n' "TCP 1 stream (Gbit/s)" "$(m linux-veth-tcp1)" "$(m ovs-veth-tcp1)" "$(m nimbus-veth-tcp1)" "$(ratio "$(m nimbus-veth-tcp1)" "$(m ovs-veth-tcp1)")"
-printf '%-26s %12s %12s %12s %12s\n' "TCP 4 streams (Gbit/s)" "$(m linux-veth-tcp4)" "$(m ovs-veth-tcp4)" "$(m nimbus-veth-tcp4)" "$(ratio "$(m nimbus-veth-tcp4)" "$(m ovs-veth-tcp4)")"
-printf '%-26s %12s %12s %12s %12s\n' "64-byte frames/s" "$(m linux-veth-pps)" "$(m ovs-veth-pps)" "$(m nimbus-veth-pps)" "$(ratio "$(m nimbus-veth-pps)" "$(m ovs-veth-pps)")"
-printf '%-26s %12s %12s %12s %12s\n' "ping RTT (µs)" "$(m linux-veth-rtt)" "$(m ovs-veth-rtt)" "$(m nimbus-veth-rtt)" "$(ratio "$(m nimbus-veth-rtt)" "$(m ovs-veth-rtt)")"
+row "TCP 1 stream (Gbit/s)" linux-veth-tcp1 ovs-veth-tcp1 nimbus-veth-tcp1
+row "TCP 4 streams (Gbit/s)" linux-veth-tcp4 ovs-veth-tcp4 nimbus-veth-tcp4
+row "64-byte frames/s" linux-veth-pps ovs-veth-pps nimbus-veth-pps
+row "ping RTT mean (µs)" linux-veth-rtt ovs-veth-rtt nimbus-veth-rtt
+row "ping RTT median (µs)" linux-veth-rttmed ovs-veth-rttmed nimbus-veth-rttmed
 echo
-printf '%-26s %12s %12s %12s %12s\n' "TAP (internal) ports" "" "OVS netdev" "nimbus" "nimbus/OVS"
-printf '%-26s %12s %12s %12s %12s\n' "TCP 1 stream (Gbit/s)" "" "$(m ovs-tap-tcp1)" "$(m nimbus-tap-tcp1)" "$(ratio "$(m nimbus-tap-tcp1)" "$(m ovs-tap-tcp1)")"
-printf '%-26s %12s %12s %12s %12s\n' "TCP 4 streams (Gbit/s)" "" "$(m ovs-tap-tcp4)" "$(m nimbus-tap-tcp4)" "$(ratio "$(m nimbus-tap-tcp4)" "$(m ovs-tap-tcp4)")"
-printf '%-26s %12s %12s %12s %12s\n' "64-byte frames/s" "" "$(m ovs-tap-pps)" "$(m nimbus-tap-pps)" "$(ratio "$(m nimbus-tap-pps)" "$(m ovs-tap-pps)")"
-printf '%-26s %12s %12s %12s %12s\n' "ping RTT (µs)" "" "$(m ovs-tap-rtt)" "$(m nimbus-tap-rtt)" "$(ratio "$(m nimbus-tap-rtt)" "$(m ovs-tap-rtt)")"
+tap_row() {  # label kind
+    printf '%-26s %12s %12s %12s %12s %12s\n' "$1" "$(m "ovs-tap-$2")" "$(m "nimbus-tap-$2")" "$(m "bare-tap-$2")" \
+        "$(ratio "$(m "nimbus-tap-$2")" "$(m "ovs-tap-$2")")" "$(ratio "$(m "bare-tap-$2")" "$(m "ovs-tap-$2")")"
+}
+printf '%-26s %12s %12s %12s %12s %12s\n' "TAP (internal) ports" "OVS netdev" "nimbus" "bare fwd" "nimbus/OVS" "bare/OVS"
+tap_row "TCP 1 stream (Gbit/s)" tcp1
+tap_row "TCP 4 streams (Gbit/s)" tcp4
+tap_row "64-byte frames/s" pps
+tap_row "ping RTT mean (µs)" rtt
+tap_row "ping RTT median (µs)" rttmed
+echo
+echo "every run, in order (the machine drifts: read each run's figures against the others of that run)"
+for key in $(printf '%s\n' "${!results[@]}" | sort); do printf '%-26s%s\n' "$key" "${results[$key]}"; done
 }

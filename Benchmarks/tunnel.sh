@@ -219,5 +219,11 @@ printf '%-34s %10s %10s\n' "memory (VmRSS MiB)" server client
 printf '%-34s %10s %10s\n' "idle, after the runs above" "$((idle_server / 1024))" "$((idle_client / 1024))"
 printf '%-34s %10s %10s\n' "${held:-0} connections open" "$((busy_server / 1024))" "$((busy_client / 1024))"
 printf '%-34s %10s %10s\n' "  of which anonymous (RssAnon)" "$((anon_server / 1024))" "$((anon_client / 1024))"
+echo
+echo "every run, in order (the machine drifts: read each run's row against the others of that run)"
+for key in direct-1 socat-1 plain-1 tls-1 direct-4 socat-4 plain-4 tls-4 rps-direct rps-socat rps-tcp rps-vhost \
+    p50-direct p50-socat p50-tcp p50-vhost; do
+    printf '%-34s%s\n' "$key" "${results[$key]}"
+done
 
 }
