@@ -99,7 +99,7 @@ measure() {  # NAME
     local rtts
     rtts=$(ip netns exec sb1 ping -c 200 -i 0.01 10.66.0.2 | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p')
     record "$name-rtt" "$(echo "$rtts" | awk '{s += $1} END {if (NR) printf "%.0f\n", s / NR * 1000}')"
-    record "$name-rttmed" "$(echo "$rtts" | awk '{print $1 * 1000}' | median | xargs printf '%.0f')"
+    record "$name-rttmed" "$(echo "$rtts" | awk '{print $1 * 1000}' | median | awk '$1 == "-" {print; next} {printf "%.0f\n", $1}')"
 }
 
 run_bridge() {
@@ -179,7 +179,7 @@ echo
 echo "nimbus-switchd benchmark, $(date -u +%Y-%m-%d), $RUNS runs of ${SECONDS_PER_TEST}s (medians)"
 echo
 row() {  # label bridge-key ovs-key nimbus-key
-    printf '%-26s %12s %12s %12s %12s\n' "$1" "$([ -n "$2" ] && m "$2")" "$(m "$3")" "$(m "$4")" "$(ratio "$(m "$4")" "$(m "$3")")"
+    printf '%-26s %12s %12s %12s %12s\n' "$1" "$(m "$2")" "$(m "$3")" "$(m "$4")" "$(ratio "$(m "$4")" "$(m "$3")")"
 }
 printf '%-26s %12s %12s %12s %12s\n' "veth ports" "Linux bridge" "OVS netdev" "nimbus" "nimbus/OVS"
 row "TCP 1 stream (Gbit/s)" linux-veth-tcp1 ovs-veth-tcp1 nimbus-veth-tcp1
